@@ -1,0 +1,301 @@
+"""The one typed configuration of a run: every flag of `torchrun_main.py`, parsed, validated and printable.
+
+Flag names are the official AlphaDecay/GaLore ones wherever those exist (official-code.md §1.1), so the
+paper's command lines run unchanged. Differences from the official parser, all deliberate:
+- booleans accept both the bare form (`--use_modulewise_wd`) and an explicit value (`--remove_first_layer
+  false`); the official `type=bool` flags could never be switched from the command line (bug #1);
+- `--alpha_positively_with_WD` exists (the official LLaMA parser never declared it, bug #2);
+- unknown or abbreviated flags are an error that suggests the closest valid flag;
+- `--dtype auto` picks bfloat16 on a bf16-capable GPU and float32 otherwise at run time, not at import (bug #29).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from alphadecay.errors import UserError
+
+WD_SCHEDULERS = ("uniform", "awd", "adadecay", "alphadecay")
+ESD_METRICS = (
+    "alpha", "alphahat", "spectral_norm", "stable_rank", "entropy", "fnorm", "gradnorm", "gradnorm_d_weightnorm",
+)
+ASSIGN_FUNCS = ("tb_linear_map", "tb_sqrt", "tb_log2", "layerwise_sigmoid")
+PL_FITTINGS = ("median", "fix-finger", "goodness-of-fit")
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, group: str = "training", **extra: Any) -> Any:
+    """A config field: its default, its help text, optional choices and the help section it is listed in."""
+    meta = {"help": help, "choices": choices, "group": group, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Field names are the command-line flags."""
+
+    # --- model and data -------------------------------------------------------------------------------
+    model_config: str = _f("configs/llama_60m.json", "LLaMA config JSON (configs/llama_{1m,3m,60m,130m,350m,1b}.json)", group="model and data")
+    dataset: str = _f("allenai/c4", "hub dataset in C4 layout (allenai/c4) or a local directory in C4 layout, e.g. data/c4_sample", group="model and data")
+    dataset_config: str = _f("en", "C4 variant: the sub-directory holding the shards (en, en.noblocklist, realnewslike, ...)", group="model and data")
+    tokenizer: str = _f("t5-base", "hub tokenizer name or local tokenizer directory, e.g. data/tokenizer", group="model and data")
+    max_length: int = _f(256, "tokens per row", group="model and data")
+    packing: bool = _f(False, "concatenate documents separated by eos into full rows (no padding) instead of the paper's one right-padded document per row", group="model and data")
+    data_seed: int = _f(42, "seed of the shard order and the shuffle buffer (the official code hard-codes 42)", group="model and data")
+    shuffle_buffer: int = _f(1000, "documents in the streaming shuffle buffer (datasets' default, as the official run)", group="model and data")
+    workers: int = _f(8, "accepted for compatibility; data is read and tokenised in one background thread per rank", group="model and data")
+    use_hf_model: bool = _f(False, "accepted for compatibility: the model is always transformers' LlamaForCausalLM", group="model and data")
+
+    # --- optimisation ---------------------------------------------------------------------------------
+    optimizer: str = _f("adam", "adam = torch Adam (coupled L2 decay, the paper's Adam table); adamw = decoupled decay", choices=("adam", "adamw"))
+    lr: float = _f(1e-3, "peak learning rate")
+    adam_beta1: float = _f(0.9, "Adam beta1")
+    adam_beta2: float = _f(0.999, "Adam beta2")
+    adam_eps: float = _f(1e-8, "Adam epsilon")
+    batch_size: int = _f(32, "micro-batch per rank, in sequences (also the evaluation batch)")
+    total_batch_size: int = _f(64, "global batch in sequences; accumulation = total / (batch_size * world size)")
+    gradient_accumulation: Optional[int] = _f(None, "micro-batches per update; derived from the batch sizes when omitted")
+    num_training_steps: int = _f(20000, "optimizer updates (exactly; the official loop does one more)")
+    max_train_tokens: Optional[str] = _f(None, "alternative to --num_training_steps: token budget like 100M or 1B (steps = tokens / (total_batch_size * max_length))")
+    warmup_steps: int = _f(2000, "linear warmup updates")
+    scheduler: str = _f("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr (cosine and linear)")
+    grad_clipping: float = _f(0.0, "clip the global gradient norm to this value; 0 disables (the paper never clips)")
+    dtype: str = _f("auto", "bfloat16 = pure bf16 weights and optimizer states (the paper); float32; amp_bf16 = float32 master weights with bf16 autocast; auto = bfloat16 on a bf16 GPU, else float32", choices=("auto", "bfloat16", "float32", "amp_bf16"))
+    activation_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    seed: int = _f(0, "seed of the model initialisation (the same on every rank)")
+    device: str = _f("auto", "auto = this rank's GPU when there is one, else CPU", choices=("auto", "cpu", "cuda"))
+    single_cuda: bool = _f(False, "accepted for compatibility: a one-process run never uses DDP")
+
+    # --- weight decay ---------------------------------------------------------------------------------
+    weight_decay: float = _f(1e-5, "base weight decay", group="weight decay")
+    decay_norms: bool = _f(True, "decay RMSNorm gains (the paper decays every parameter)", group="weight decay")
+    decay_embeddings: bool = _f(True, "decay the token embedding (the paper decays every parameter)", group="weight decay")
+    wd_scheduler: Optional[str] = _f(None, "weight-decay method; sets that method's defaults. Omitted: derived from the official flags below (none of them = uniform)", choices=WD_SCHEDULERS, group="weight decay")
+    use_AWD_NeurIPS2023: bool = _f(False, "AWD (Ghiasi et al. 2023), the paper's baseline1", group="weight decay")
+    awd_multiplier: float = _f(100.0, "AWD's lambda_awd = awd_multiplier * --weight_decay (the official LLaMA code uses 100)", group="weight decay")
+    use_modulewise_wd: bool = _f(False, "module-wise decay from per-module ESD metrics: AlphaDecay, or AdaDecay with gradnorm + layerwise_sigmoid", group="weight decay")
+    alpha_positively_with_WD: bool = _f(False, "apply the metric-to-decay mapping (without it the module-wise pass only measures and logs)", group="weight decay")
+    unbalancedWD_every: int = _f(500, "recompute module-wise decays at update 0 and whenever (update + 1) % this == 0", group="weight decay")
+    esd_metric_for_tb: str = _f("alpha", "per-module metric that drives the decay", choices=ESD_METRICS, group="weight decay")
+    assign_func: str = _f("tb_linear_map", "metric-to-decay map", choices=ASSIGN_FUNCS, group="weight decay")
+    wd_min_ratio: float = _f(0.666, "decay multiplier of the module with the smallest metric (tb_linear_map)", group="weight decay")
+    wd_max_ratio: float = _f(3.0, "decay multiplier of the module with the largest metric (tb_linear_map)", group="weight decay")
+    pl_fitting: str = _f("median", "power-law xmin choice for alpha", choices=PL_FITTINGS, group="weight decay")
+    xmin_pos: float = _f(2.0, "median fit: xmin is eigenvalue number int(N / xmin_pos) (2 = the median)", group="weight decay")
+    filter_zeros: bool = _f(False, "drop eigenvalues <= 1e-5 before fitting", group="weight decay")
+    remove_first_layer: bool = _f(True, "leave the first Linear in module order (layer-0 q_proj) at the base decay, as the official code", group="weight decay")
+    remove_last_layer: bool = _f(True, "leave the last Linear (lm_head) at the base decay, as the official code", group="weight decay")
+    wd_exclude: list = _f([], "regular expressions; Linear modules whose name matches one are not tuned (repeatable)", group="weight decay", nargs="*")
+    official_fix_finger: bool = _f(False, "fix-finger fit with the official code's lower bound (a log10 value compared with linear eigenvalues)", group="weight decay")
+    batchnorm: bool = _f(True, "accepted for compatibility (ties BatchNorm decay to convolutions; LLaMA has none)", group="weight decay")
+    batchnorm_type: str = _f("name", "accepted for compatibility (no effect on LLaMA)", choices=("name",), group="weight decay")
+
+    # --- evaluation, logging, checkpoints -------------------------------------------------------------
+    eval_every: int = _f(100, "evaluate every this many updates (and at the end)", group="evaluation, logging, checkpoints")
+    target_eval_tokens: int = _f(10_000_000, "validation tokens per evaluation (the same subset every time)", group="evaluation, logging, checkpoints")
+    log_every: int = _f(1, "log training metrics every this many updates", group="evaluation, logging, checkpoints")
+    save_every: int = _f(10000, "checkpoint every this many updates (and at the end)", group="evaluation, logging, checkpoints")
+    save_dir: Optional[str] = _f(None, "run directory (checkpoints, metrics.jsonl, wandb); default checkpoints/<config>-<time>-<wandb_name>", group="evaluation, logging, checkpoints")
+    continue_from: Optional[str] = _f(None, "resume from a checkpoint directory (model_<step>) or a run directory (its latest checkpoint)", group="evaluation, logging, checkpoints")
+    wandb_name: str = _f("code_test", "wandb run name", group="evaluation, logging, checkpoints")
+    wandb_project: str = _f("AlphaDecay", "wandb project", group="evaluation, logging, checkpoints")
+    wandb_mode: Optional[str] = _f(None, "wandb mode; default: $WANDB_MODE if set, else offline", choices=("online", "offline", "disabled"), group="evaluation, logging, checkpoints")
+    tags: Optional[str] = _f(None, "comma-separated wandb tags", group="evaluation, logging, checkpoints")
+    name: str = _f("test", "accepted for compatibility (unused by the official code too)", group="evaluation, logging, checkpoints")
+
+    # ------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        """The configuration as an aligned two-column table, one flag per line."""
+        items = self.to_dict()
+        width = max(len(k) for k in items)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in items.items())
+
+    def wd_method(self) -> str:
+        """The weight-decay method this configuration selects (uniform, awd, adadecay or alphadecay)."""
+        if self.wd_scheduler is not None:
+            return self.wd_scheduler
+        if self.use_AWD_NeurIPS2023:
+            return "awd"
+        if self.use_modulewise_wd:
+            adadecay = self.esd_metric_for_tb == "gradnorm" and self.assign_func == "layerwise_sigmoid"
+            return "adadecay" if adadecay else "alphadecay"
+        return "uniform"
+
+    def train_steps(self) -> int:
+        """Number of updates: --num_training_steps, or --max_train_tokens / tokens per update."""
+        if self.max_train_tokens is None:
+            return self.num_training_steps
+        return parse_token_count(self.max_train_tokens) // (self.total_batch_size * self.max_length)
+
+
+# Defaults a --wd_scheduler value sets (each only where the user did not give the flag).
+_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "uniform": {},
+    "awd": {"use_AWD_NeurIPS2023": True},
+    "adadecay": {"use_modulewise_wd": True, "alpha_positively_with_WD": True,
+                 "esd_metric_for_tb": "gradnorm", "assign_func": "layerwise_sigmoid"},
+    "alphadecay": {"use_modulewise_wd": True, "alpha_positively_with_WD": True,
+                   "esd_metric_for_tb": "alpha", "assign_func": "tb_linear_map"},
+}
+
+
+def parse_token_count(text: str) -> int:
+    """'100M' -> 100_000_000, '1B' -> 1_000_000_000, '2_000' -> 2000."""
+    match = re.fullmatch(r"\s*([0-9_.]+)\s*([kKmMbB]?)\s*", str(text))
+    if not match:
+        raise UserError(f"--max_train_tokens {text!r} is not a token count; use an integer or a number with K, M or B.")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[match.group(2).lower()]
+    return int(float(match.group(1).replace("_", "")) * scale)
+
+
+def _str2bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(inner: type) -> Any:
+    def convert(text: str) -> Any:
+        return None if str(text).lower() in ("none", "null", "") else inner(text)
+
+    convert.__name__ = inner.__name__
+    return convert
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as a UserError with a suggestion, instead of exiting."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        unknown = re.search(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            flags = [a for a in unknown.group(1).split() if a.startswith("--")]
+            hints = []
+            for flag in flags or unknown.group(1).split()[:1]:
+                names = self._flag_names()
+                close = [n for n in names if n.startswith(flag)][:3] or difflib.get_close_matches(flag, names, n=1)
+                hints.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
+            message = f"unknown flag(s): {', '.join(hints)}. Run `python torchrun_main.py --help` for the valid flags."
+        raise UserError(f"command line: {message}")
+
+    def _flag_names(self) -> list[str]:
+        return [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="torchrun_main.py",
+        description="Pretrain LLaMA on C4 with a swappable weight-decay scheduler (Uniform, AWD, AdaDecay, AlphaDecay).",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        section = sections.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        kind = hints[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kwargs: dict[str, Any] = {"help": meta["help"], "default": argparse.SUPPRESS}
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if kind is bool:
+            kwargs.update(nargs="?", const=True, type=_str2bool, metavar="{true,false}")
+        elif kind is list:
+            kwargs.update(nargs=meta.get("nargs", "*"), type=str)
+        elif typing.get_origin(kind) is typing.Union:  # Optional[X]
+            inner = next(a for a in typing.get_args(kind) if a is not type(None))
+            kwargs["type"] = _optional(inner)
+        else:
+            kwargs["type"] = kind
+        kwargs["help"] += f" (default: {default})"
+        section.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """Parse the command line into a validated TrainConfig; also return the names of the flags given."""
+    namespace = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    given = dict(vars(namespace))
+    config = TrainConfig(**given)
+    apply_method_defaults(config, set(given))
+    validate(config)
+    return config, set(given)
+
+
+def apply_method_defaults(config: TrainConfig, given: set[str]) -> None:
+    """Fill in --wd_scheduler's defaults and reject combinations that name two methods at once."""
+    method = config.wd_scheduler
+    if config.use_AWD_NeurIPS2023 and config.use_modulewise_wd:
+        raise UserError("--use_AWD_NeurIPS2023 and --use_modulewise_wd select two different weight-decay methods; "
+                        "give one of them (or --wd_scheduler {uniform,awd,adadecay,alphadecay}).")
+    if method is None:
+        return
+    if method in ("uniform", "adadecay", "alphadecay") and config.use_AWD_NeurIPS2023:
+        raise UserError(f"--wd_scheduler {method} contradicts --use_AWD_NeurIPS2023 (that is --wd_scheduler awd).")
+    if method in ("uniform", "awd") and config.use_modulewise_wd:
+        raise UserError(f"--wd_scheduler {method} contradicts --use_modulewise_wd "
+                        "(module-wise decay is --wd_scheduler alphadecay or adadecay).")
+    if method == "uniform" and config.alpha_positively_with_WD:
+        raise UserError("--wd_scheduler uniform contradicts --alpha_positively_with_WD (a module-wise mapping switch).")
+    for key, value in _METHOD_DEFAULTS[method].items():
+        if key in given and isinstance(value, bool) and getattr(config, key) != value:
+            raise UserError(f"--wd_scheduler {method} needs --{key} true, but the command line gives "
+                            f"--{key} false; drop one of the two.")
+        if key not in given:  # the metric and the map stay overridable, for the paper's ablations
+            setattr(config, key, value)
+
+
+def validate(config: TrainConfig) -> None:
+    """Checks that need no files, processes or devices (those come later, still before any compute)."""
+    positive = ("lr", "batch_size", "total_batch_size", "max_length", "eval_every", "save_every", "log_every",
+                "unbalancedWD_every", "shuffle_buffer", "target_eval_tokens")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(config, name)}.")
+    if config.train_steps() <= 0:
+        raise UserError(f"the run has {config.train_steps()} updates; --num_training_steps (or --max_train_tokens) must give at least 1.")
+    if config.warmup_steps < 0 or config.warmup_steps > config.train_steps():
+        raise UserError(f"--warmup_steps {config.warmup_steps} must be between 0 and the number of updates ({config.train_steps()}).")
+    if not 0.0 <= config.min_lr_ratio <= 1.0:
+        raise UserError(f"--min_lr_ratio must be in [0, 1], got {config.min_lr_ratio}.")
+    if config.weight_decay < 0 or config.grad_clipping < 0:
+        raise UserError("--weight_decay and --grad_clipping must be >= 0.")
+    if config.gradient_accumulation is not None and config.gradient_accumulation <= 0:
+        raise UserError(f"--gradient_accumulation must be positive, got {config.gradient_accumulation}.")
+    if config.wd_min_ratio < 0 or config.wd_max_ratio < 0:
+        raise UserError("--wd_min_ratio and --wd_max_ratio must be >= 0.")
+    if config.xmin_pos <= 1:
+        raise UserError(f"--xmin_pos must be > 1 (2 = median xmin), got {config.xmin_pos}.")
+    if config.wd_method() == "awd" and config.weight_decay <= 0:
+        raise UserError("AWD sets lambda_awd = --awd_multiplier * --weight_decay; give --weight_decay > 0.")
+    for pattern in config.wd_exclude:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise UserError(f"--wd_exclude {pattern!r} is not a valid regular expression: {err}.") from None
+    for name in ("lr", "weight_decay", "min_lr_ratio", "wd_min_ratio", "wd_max_ratio"):
+        if not math.isfinite(getattr(config, name)):
+            raise UserError(f"--{name} must be a finite number.")
+
+
+def save(config: TrainConfig, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(config.to_dict(), fh, indent=2, sort_keys=False)
+        fh.write("\n")
