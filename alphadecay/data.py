@@ -1,0 +1,344 @@
+"""C4 in C4's own layout, from the hub or a local directory, streamed, split per rank and resumable exactly.
+
+Sources. `--dataset` is either a hub dataset (`allenai/c4`, read as `hf://datasets/allenai/c4`) or a local
+directory; both hold `<config>/c4-train.XXXXX-of-NNNNN.json.gz` and `<config>/c4-validation.*.json.gz` JSON-lines
+shards with a `text` field, and both are read by the same code (`datasets.load_dataset("json", streaming=True)`).
+
+Order. The shard list is permuted with `--data_seed` (+ the epoch), split across ranks with
+`datasets.distributed.split_dataset_by_node` (whole shards when their number divides by the world size), and
+documents pass through a shuffle buffer of `--shuffle_buffer` documents. No DataLoader workers: each rank reads
+its own shards once per epoch in one background thread, so no example is read twice or skipped.
+
+Resume. The stream's state is the HF iterator state (shard and offset), the shuffle buffer's contents and RNG
+state, the epoch and, when packing, the tokens carried into the next row. It is small (about 2 MB of text for the
+default buffer) and saved with every checkpoint, so a resumed run sees exactly the batches it would have seen.
+(datasets' own `shuffle()` cannot do this: its state drops the buffer contents.)
+
+Rows. Paper mode: one document per row, tokenised, eos-terminated, truncated to `--max_length` and right-padded
+with the pad id; labels are -100 at pads. `--packing`: documents concatenated, each followed by eos, cut into
+full rows; every token is a label.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import queue
+import random
+import re
+import socket
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from alphadecay.errors import UserError
+
+IGNORE_INDEX = -100
+SHIPPED_DATASET = "data/c4_sample"
+SHIPPED_TOKENIZER = "data/tokenizer"
+OFFLINE_HINT = (f"To run without the hub, pass a local directory in C4 layout: --dataset {SHIPPED_DATASET} (the small "
+                f"sample shipped in this repository) or a mirror of allenai/c4, and a local tokenizer: "
+                f"--tokenizer {SHIPPED_TOKENIZER} (shipped) or a saved copy of t5-base.")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Where the shards are
+# ------------------------------------------------------------------------------------------------------------
+def is_hub_name(name: str) -> bool:
+    """A hub id looks like `owner/name` or `name` and is not an existing local path."""
+    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+def check_hub_reachable(what: str, timeout: float = 5.0) -> None:
+    """Fail within seconds, naming the local alternatives, when the Hugging Face hub cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise UserError(f"{what} needs the Hugging Face hub, but HF_HUB_OFFLINE is set. {OFFLINE_HINT}")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)), None)
+    url = urllib.parse.urlparse(proxy or endpoint)  # behind a proxy, the proxy is what must answer
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise UserError(f"{what} needs the Hugging Face hub, which cannot be reached ({host}:{port}: {err}). "
+                        f"{OFFLINE_HINT}") from None
+
+
+def shard_pattern(config: str, split: str) -> str:
+    return f"{config}/c4-{split}.*-of-*.json.gz"
+
+
+def list_shards(dataset: str, config: str, split: str) -> list[str]:
+    """Sorted shard paths (local paths or hf:// URLs) of one split, or a UserError that says what was expected."""
+    pattern = shard_pattern(config, split)
+    if is_hub_name(dataset):
+        check_hub_reachable(f"--dataset {dataset}")
+        from huggingface_hub import HfFileSystem
+
+        try:
+            found = HfFileSystem().glob(f"datasets/{dataset}/{pattern}")
+        except Exception as err:  # noqa: BLE001 - the hub's errors are many; all mean the same to the user
+            raise UserError(f"--dataset {dataset}: listing {pattern} on the hub failed ({type(err).__name__}: {err}). "
+                            f"{OFFLINE_HINT}") from None
+        files = sorted(f"hf://{path}" for path in found)
+    else:
+        if not os.path.isdir(dataset):
+            raise UserError(f"--dataset {dataset}: no such directory, and not a hub dataset name. "
+                            f"Give a hub dataset in C4 layout (allenai/c4) or a local directory holding {pattern}.")
+        root = os.path.join(dataset, config)
+        files = sorted(os.path.join(root, f) for f in os.listdir(root)
+                       if re.fullmatch(rf"c4-{split}\.\d+-of-\d+\.json\.gz", f)) if os.path.isdir(root) else []
+    if not files:
+        raise UserError(f"--dataset {dataset}: no {split} shards matching {pattern} (C4 layout, with "
+                        f"--dataset_config {config}). Expected files like {config}/c4-{split}.00000-of-01024.json.gz "
+                        f"holding JSON lines with a 'text' field.")
+    return files
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ------------------------------------------------------------------------------------------------------------
+def load_tokenizer(name: str, max_length: int):
+    """A local tokenizer directory, or a hub tokenizer (t5-base by default) after a quick reachability check."""
+    from transformers import AutoTokenizer
+
+    if is_hub_name(name):
+        check_hub_reachable(f"--tokenizer {name}")
+    elif not os.path.isdir(name):
+        raise UserError(f"--tokenizer {name}: no such directory, and not a hub tokenizer name. "
+                        f"Give a saved tokenizer directory (e.g. {SHIPPED_TOKENIZER}) or a hub name (t5-base).")
+    try:
+        return AutoTokenizer.from_pretrained(name, model_max_length=max_length)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--tokenizer {name} could not be loaded ({err}).") from None
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, tokenizer_name: str, model_config: str) -> None:
+    """Every id the tokenizer can produce from text (plus pad and eos) must index the model's embedding.
+
+    Added special tokens that text never produces are allowed beyond the vocabulary: t5-base has 32,100 ids
+    (100 `<extra_id_*>` sentinels) against the paper's 32,000-row embedding, and we tokenise with
+    `split_special_tokens=True`, so a literal sentinel in the text is split into ordinary pieces.
+    """
+    special = set(tokenizer.all_special_ids) - {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id}
+    reachable = [i for i in tokenizer.get_vocab().values() if i not in special]
+    reachable += [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None]
+    largest = max(reachable)
+    if largest >= vocab_size:
+        raise UserError(f"--tokenizer {tokenizer_name} produces token ids up to {largest}, but --model_config "
+                        f"{model_config} has vocab_size {vocab_size}. Use a config whose vocab_size is at least "
+                        f"{largest + 1} (e.g. configs/llama_60m.json for t5-base, configs/llama_3m.json for "
+                        f"{SHIPPED_TOKENIZER}) or a matching tokenizer.")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"--tokenizer {tokenizer_name} has no eos token; documents must be eos-terminated.")
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """How documents become rows of token ids."""
+
+    max_length: int
+    pad_id: int
+    eos_id: int
+    packing: bool
+    appends_eos: bool  # does the tokenizer already end every encoding with eos (T5 does)?
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, max_length: int, packing: bool) -> RowSpec:
+        probe = tokenizer("probe")["input_ids"]
+        pad = tokenizer.pad_token_id
+        if not packing and (pad is None or pad == tokenizer.eos_token_id):
+            raise UserError("the tokenizer has no pad token distinct from eos, which the paper's padded rows need; "
+                            "use --packing or a tokenizer with one (t5-base has pad 0, eos 1).")
+        return cls(max_length, pad if pad is not None else tokenizer.eos_token_id, tokenizer.eos_token_id, packing,
+                   appends_eos=bool(probe) and probe[-1] == tokenizer.eos_token_id)
+
+
+def encode_documents(tokenizer, texts: list[str], spec: RowSpec) -> list[list[int]]:
+    """Token ids of each document, eos-terminated; truncated to max_length (eos kept) unless packing."""
+    encoded = tokenizer(texts, add_special_tokens=True, split_special_tokens=True,
+                        truncation=not spec.packing and spec.appends_eos,
+                        max_length=spec.max_length if not spec.packing else None)["input_ids"]
+    if not spec.appends_eos:
+        encoded = [ids + [spec.eos_id] for ids in encoded]
+    if not spec.packing:
+        encoded = [ids if len(ids) <= spec.max_length else ids[: spec.max_length - 1] + [spec.eos_id] for ids in encoded]
+    return encoded
+
+
+def pad_rows(encoded: list[list[int]], spec: RowSpec) -> torch.Tensor:
+    rows = torch.full((len(encoded), spec.max_length), spec.pad_id, dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        rows[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return rows
+
+
+def labels_for(input_ids: torch.Tensor, spec: RowSpec) -> torch.Tensor:
+    """Next-token labels aligned with input_ids (the shift happens in the loss): pads ignored in paper mode."""
+    if spec.packing:
+        return input_ids.clone()
+    labels = input_ids.clone()
+    labels[input_ids == spec.pad_id] = IGNORE_INDEX
+    return labels
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Documents: a resumable, shuffled, per-rank stream
+# ------------------------------------------------------------------------------------------------------------
+class DocumentStream:
+    """Texts of one split for one rank, shuffled, endless (epochs) or one pass; exactly resumable."""
+
+    def __init__(self, files: list[str], *, rank: int, world_size: int, seed: int, buffer_size: int,
+                 shuffle: bool = True, repeat: bool = True):
+        self.files, self.rank, self.world_size = files, rank, world_size
+        self.seed, self.buffer_size, self.shuffle, self.repeat = seed, buffer_size, shuffle, repeat
+        self._epoch = 0
+        self._hf_state: dict | None = None
+        self._buffer: list[str] = []
+        self._rng = np.random.default_rng(seed)
+        self._dataset = None
+
+    def _open(self):
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        files = list(self.files)
+        if self.shuffle:
+            random.Random(self.seed + self._epoch).shuffle(files)
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+        ds = ds.select_columns(["text"])
+        return split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            self._dataset = self._open()
+            if self._hf_state is not None:
+                self._dataset.load_state_dict(self._hf_state)
+            for example in self._dataset:
+                text = example["text"]
+                if not self.shuffle:
+                    yield text
+                elif len(self._buffer) < self.buffer_size:
+                    self._buffer.append(text)
+                else:
+                    i = int(self._rng.integers(self.buffer_size))
+                    out, self._buffer[i] = self._buffer[i], text
+                    yield out
+            while self._buffer:  # end of the epoch: drain the buffer in random order
+                yield self._buffer.pop(int(self._rng.integers(len(self._buffer))))
+            self._epoch, self._hf_state, self._dataset = self._epoch + 1, None, None
+            if not self.repeat:
+                return
+
+    def state_dict(self) -> dict[str, Any]:
+        hf_state = self._dataset.state_dict() if self._dataset is not None else self._hf_state
+        return {"epoch": self._epoch, "hf_state": copy.deepcopy(hf_state), "buffer": list(self._buffer),
+                "rng": copy.deepcopy(self._rng.bit_generator.state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._epoch, self._hf_state, self._buffer = state["epoch"], state["hf_state"], list(state["buffer"])
+        self._rng.bit_generator.state = state["rng"]
+        self._dataset = None
+
+
+class TokenBatches:
+    """Batches of (input_ids, labels), each of shape (batch_size, max_length), with the stream state after each."""
+
+    def __init__(self, documents: DocumentStream, tokenizer, spec: RowSpec, batch_size: int):
+        self.documents, self.tokenizer, self.spec, self.batch_size = documents, tokenizer, spec, batch_size
+        self._carry: list[int] = []  # packing: tokens of the next row(s)
+        self.epochs_done = 0
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        docs = iter(self.documents)
+        rows_needed = self.batch_size * self.spec.max_length
+        while True:
+            if self.spec.packing:
+                while len(self._carry) < rows_needed:
+                    texts = [t for _, t in zip(range(self.batch_size), docs)]
+                    if not texts:
+                        return
+                    for ids in encode_documents(self.tokenizer, texts, self.spec):
+                        self._carry.extend(ids)
+                input_ids = torch.tensor(self._carry[:rows_needed], dtype=torch.long).view(self.batch_size, -1)
+                self._carry = self._carry[rows_needed:]
+            else:
+                texts = [t for _, t in zip(range(self.batch_size), docs)]
+                if not texts:
+                    return
+                input_ids = pad_rows(encode_documents(self.tokenizer, texts, self.spec), self.spec)
+            yield {"input_ids": input_ids, "labels": labels_for(input_ids, self.spec)}, self.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"documents": self.documents.state_dict(), "carry": list(self._carry)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.documents.load_state_dict(state["documents"])
+        self._carry = list(state["carry"])
+
+
+class Prefetcher:
+    """Runs a batch iterator in a background thread, `depth` batches ahead of the trainer."""
+
+    _END = object()
+
+    def __init__(self, source, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
+        self._thread.start()
+
+    def _run(self, source) -> None:
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(self._END)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer thread
+            self._queue.put(err)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Evaluation set
+# ------------------------------------------------------------------------------------------------------------
+def build_eval_batches(files: list[str], tokenizer, spec: RowSpec, *, batch_size: int, rank: int, world_size: int,
+                       seed: int, buffer_size: int, target_tokens: int) -> tuple[list[dict[str, torch.Tensor]], bool]:
+    """This rank's share of the validation subset: batches until rank-local real tokens reach target/world.
+
+    Built once and kept in memory, so every evaluation sees the same rows (the official code re-streams the
+    split each time, with the same seed). Returns the batches and whether the split ran out before the target.
+    """
+    stream = DocumentStream(files, rank=rank, world_size=world_size, seed=seed, buffer_size=buffer_size, repeat=False)
+    batches, tokens = [], 0
+    for batch, _ in TokenBatches(stream, tokenizer, spec, batch_size):
+        if tokens * world_size >= target_tokens:
+            return batches, False
+        tokens += int((batch["input_ids"] != spec.pad_id).sum()) if not spec.packing else batch["input_ids"].numel()
+        batches.append({k: v.to(torch.int32) for k, v in batch.items()})
+    return batches, True
