@@ -1,0 +1,1 @@
+"""The paper's baselines behind the weight-decay scheduler interface: Uniform, AWD, AdaDecay."""
