@@ -1,0 +1,88 @@
+"""Checkpoints: one save and one load path for periodic, final and signal-triggered saves.
+
+Layout of `<save_dir>/model_<step>/` (step = updates completed):
+- the model in `save_pretrained` format (config.json + model.safetensors), loadable with
+  `LlamaForCausalLM.from_pretrained`;
+- training_state.pt: optimizer (its param groups carry the current per-group decays), weight-decay scheduler
+  state, step, tokens seen, every rank's data-stream position and RNG states, the wandb run id, the config;
+- training_state.json: the counters in readable form.
+A checkpoint is written to a temporary directory and renamed into place, so a crash never leaves a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from alphadecay.errors import UserError
+
+STATE_FILE = "training_state.pt"
+
+
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, f"model_{step}")
+
+
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, state: dict[str, Any]) -> str:
+    """Write model_<step> atomically; `state` is everything but the weights. Returns the directory."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = os.path.join(run_dir, f".tmp-model_{step}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    torch.save(state, os.path.join(tmp, STATE_FILE))
+    readable = {k: state[k] for k in ("step", "tokens_seen", "train_time", "wandb_id") if k in state}
+    with open(os.path.join(tmp, "training_state.json"), "w") as fh:
+        json.dump(readable, fh, indent=2)
+    if os.path.exists(final):
+        old = f"{final}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def find_checkpoint(path: str) -> str:
+    """`path` itself if it is a checkpoint, else the run directory's checkpoint with the most updates."""
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return path
+    if not os.path.isdir(path):
+        raise UserError(f"--continue_from {path}: no such directory.")
+    steps = [int(m.group(1)) for d in os.listdir(path) if (m := re.fullmatch(r"model_(\d+)", d))
+             and os.path.isfile(os.path.join(path, d, STATE_FILE))]
+    if not steps:
+        raise UserError(f"--continue_from {path}: neither a checkpoint (a model_<step> directory with {STATE_FILE}) "
+                        f"nor a run directory containing one.")
+    return checkpoint_dir(path, max(steps))
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and the training state of a checkpoint directory."""
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    # Our own file, written by save_checkpoint: it holds numpy RNG states, so not weights_only.
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    return weights, state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

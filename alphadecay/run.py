@@ -1,0 +1,179 @@
+"""Assemble a run from its configuration: checks first, then model, data, optimizer, scheduler, logger.
+
+Everything a user can get wrong (files, sizes, tokenizer, data layout, hub access) is checked before the model is
+built, so a bad input costs seconds, not a training run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from transformers.utils import logging as hf_logging
+
+from alphadecay import config as config_lib
+from alphadecay import data, dist
+from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_state
+from alphadecay.config import TrainConfig
+from alphadecay.errors import UserError
+from alphadecay.metrics import MetricsLogger
+from alphadecay.model import build_model, count_parameters, load_model_config
+from alphadecay.optim import build_optimizer
+from alphadecay.param_groups import build_param_groups, describe
+from alphadecay.schedulers import build_wd_scheduler
+from alphadecay.trainer import Trainer, TrainState
+
+
+def log0(info: dist.DistInfo, message: str) -> None:
+    if info.is_main:
+        print(message, flush=True)
+
+
+def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
+    per_update = config.batch_size * world_size
+    if config.total_batch_size % per_update:
+        raise UserError(f"--total_batch_size {config.total_batch_size} is not a multiple of --batch_size "
+                        f"{config.batch_size} x {world_size} process(es) = {per_update}; use a multiple of {per_update} "
+                        f"(e.g. {per_update * max(1, round(config.total_batch_size / per_update))}) or change --batch_size.")
+    accumulation = config.total_batch_size // per_update
+    if config.gradient_accumulation is not None and config.gradient_accumulation != accumulation:
+        raise UserError(f"--gradient_accumulation {config.gradient_accumulation} contradicts --total_batch_size "
+                        f"{config.total_batch_size} / (--batch_size {config.batch_size} x {world_size} processes) "
+                        f"= {accumulation}; omit it or make them agree.")
+    return accumulation
+
+
+def resolve_dtype(config: TrainConfig, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(parameter dtype, bf16 autocast?) for --dtype."""
+    name = config.dtype
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return {"bfloat16": (torch.bfloat16, False), "float32": (torch.float32, False),
+            "amp_bf16": (torch.float32, True)}[name]
+
+
+def resolve_run_dir(config: TrainConfig, info: dist.DistInfo) -> str:
+    if config.save_dir:
+        run_dir = config.save_dir
+    elif config.continue_from:
+        run_dir = os.path.dirname(os.path.abspath(find_checkpoint(config.continue_from)))
+    else:
+        stem = os.path.splitext(os.path.basename(config.model_config))[0]
+        run_dir = os.path.join("checkpoints", f"{stem}-{time.strftime('%Y-%m-%d-%H-%M-%S')}-{config.wandb_name}")
+    run_dir = dist.broadcast_object(run_dir)  # one name even when the ranks' clocks differ
+    if info.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+    dist.barrier()
+    return run_dir
+
+
+def provenance() -> dict:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+@dataclass
+class Inputs:
+    """What the checks produce: everything needed before the model exists."""
+
+    model_config: object
+    tokenizer: object
+    spec: data.RowSpec
+    train_files: list[str]
+    eval_files: list[str]
+    grad_accum: int
+
+
+def check_inputs(config: TrainConfig, info: dist.DistInfo) -> Inputs:
+    """Every user-fixable problem, before any compute."""
+    model_config = load_model_config(config.model_config)
+    grad_accum = gradient_accumulation(config, info.world_size)
+    tokenizer = data.load_tokenizer(config.tokenizer, config.max_length)
+    data.check_tokenizer_fits(tokenizer, model_config.vocab_size, config.tokenizer, config.model_config)
+    spec = data.RowSpec.from_tokenizer(tokenizer, config.max_length, config.packing)
+    train_files = data.list_shards(config.dataset, config.dataset_config, "train")
+    eval_files = data.list_shards(config.dataset, config.dataset_config, "validation")
+    if config.continue_from:
+        find_checkpoint(config.continue_from)
+    return Inputs(model_config, tokenizer, spec, train_files, eval_files, grad_accum)
+
+
+def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
+    hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would interleave with ours
+    inputs = check_inputs(config, info)
+    run_dir = resolve_run_dir(config, info)
+    dtype, use_autocast = resolve_dtype(config, info.device)
+    total_steps = config.train_steps()
+
+    resume = load_checkpoint(find_checkpoint(config.continue_from)) if config.continue_from else None
+    if resume and resume[1]["world_size"] != info.world_size:
+        raise UserError(f"--continue_from: the checkpoint was written by {resume[1]['world_size']} process(es); "
+                        f"resume it with the same number (this run has {info.world_size}).")
+    raw_model = build_model(inputs.model_config, seed=config.seed)
+    if resume:
+        raw_model.load_state_dict(resume[0], strict=True)
+    raw_model.to(device=info.device, dtype=dtype)
+    if config.activation_checkpointing:
+        raw_model.gradient_checkpointing_enable()
+    param_groups = build_param_groups(raw_model, weight_decay=config.weight_decay, decay_norms=config.decay_norms,
+                                      decay_embeddings=config.decay_embeddings)
+    optimizer = build_optimizer(param_groups, config, info.device)
+    wd_scheduler = build_wd_scheduler(config, optimizer.param_groups)
+
+    documents = data.DocumentStream(inputs.train_files, rank=info.rank, world_size=info.world_size,
+                                    seed=config.data_seed, buffer_size=config.shuffle_buffer)
+    train_batches = data.TokenBatches(documents, inputs.tokenizer, inputs.spec, config.batch_size)
+    state = TrainState()
+    if resume:
+        saved = resume[1]
+        optimizer.load_state_dict(saved["optimizer"])
+        wd_scheduler.load_state_dict(saved["wd_scheduler"])
+        train_batches.load_state_dict(saved["data"][info.rank])
+        set_rng_state(saved["rng"][info.rank])
+        state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], train_time=saved["train_time"])
+        log0(info, f"resuming from update {state.step} of {total_steps}")
+
+    eval_batches, exhausted = data.build_eval_batches(
+        inputs.eval_files, inputs.tokenizer, inputs.spec, batch_size=config.batch_size, rank=info.rank,
+        world_size=info.world_size, seed=config.data_seed, buffer_size=config.shuffle_buffer,
+        target_tokens=config.target_eval_tokens)
+    if exhausted:
+        log0(info, f"note: the validation split has fewer than --target_eval_tokens {config.target_eval_tokens:,} "
+                   f"tokens; every evaluation uses all of it")
+
+    model = raw_model
+    if info.distributed:
+        model = DistributedDataParallel(raw_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    run_info = {**config.to_dict(), **provenance(), "world_size": info.world_size, "device": str(info.device),
+                "total_params_M": count_parameters(raw_model) / 1e6, "gradient_accumulation": inputs.grad_accum,
+                "wd_method": config.wd_method(), "updates": total_steps}
+    if info.is_main:
+        config_lib.save(config, os.path.join(run_dir, "config.json"))
+    logger = MetricsLogger(run_dir, enabled=info.is_main, project=config.wandb_project, name=config.wandb_name,
+                           mode=config.wandb_mode, config=run_info, resume_step=state.step if resume else None,
+                           wandb_id=resume[1].get("wandb_id") if resume else None,
+                           tags=config.tags.split(",") if config.tags else None)
+    log0(info, f"{config.table()}\n\n{describe(optimizer.param_groups)}\n\n"
+               f"model {count_parameters(raw_model) / 1e6:.2f}M parameters, {dtype}{' + bf16 autocast' if use_autocast else ''}"
+               f" on {info.device} x {info.world_size}; weight decay: {config.wd_method()}; "
+               f"{total_steps} updates of {config.total_batch_size} x {config.max_length} tokens "
+               f"(accumulation {inputs.grad_accum}); run directory {run_dir}")
+    autocast = (torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast
+                else contextlib.nullcontext())
+    return Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
+                   wd_scheduler=wd_scheduler, train_batches=train_batches, eval_batches=eval_batches, logger=logger,
+                   run_dir=run_dir, total_steps=total_steps, grad_accum=inputs.grad_accum, autocast=autocast,
+                   state=state)

@@ -1,0 +1,225 @@
+"""The training loop: one update per iteration, evaluation, logging and checkpoints on their cadences.
+
+One update (`train_step`):
+  1. count the target tokens of all micro-batches on all ranks (one all-reduce, which also carries the stop flag
+     that SIGTERM/SIGINT raise on any rank, so every rank stops at the same update);
+  2. forward/backward each micro-batch with loss = sum of token losses / global target tokens (times the world
+     size, which DDP's gradient averaging divides out), `no_sync` on all but the last micro-batch: the gradient
+     is exactly that of the token-mean loss over the global batch, however it is split into ranks and
+     micro-batches (the official code averages per-micro-batch means instead; identical when GA=1 on one GPU);
+  3. optional gradient clipping;
+  4. the weight-decay scheduler, then `optimizer.step()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from alphadecay import dist
+from alphadecay.checkpoint import rng_state, save_checkpoint
+from alphadecay.config import TrainConfig
+from alphadecay.data import IGNORE_INDEX, Prefetcher
+from alphadecay.optim import lr_factor, set_learning_rate
+from alphadecay.param_groups import apply_multipliers, mean_weight_decay
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # updates completed
+    tokens_seen: int = 0  # non-pad input tokens, all ranks
+    train_time: float = 0.0  # seconds spent in updates (not evaluation or checkpointing)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def token_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over target positions of the next-token cross-entropy, in float32 or better (bf16 logits are upcast)."""
+    logits = model(input_ids=input_ids).logits
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    # Shift the labels, not the logits: slicing the (B, T, V) logits would copy them.
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def target_count(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the run saves a checkpoint after the current update and exits."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal acts at once
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, *, config: TrainConfig, info: dist.DistInfo, model: torch.nn.Module,
+                 raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer, wd_scheduler, train_batches,
+                 eval_batches: list[dict[str, torch.Tensor]], logger, run_dir: str, total_steps: int,
+                 grad_accum: int, autocast: contextlib.AbstractContextManager, state: TrainState):
+        self.config, self.info, self.model, self.raw_model = config, info, model, raw_model
+        self.optimizer, self.wd_scheduler, self.logger = optimizer, wd_scheduler, logger
+        self.train_batches, self.eval_batches, self.run_dir = train_batches, eval_batches, run_dir
+        self.total_steps, self.grad_accum, self.autocast, self.state = total_steps, grad_accum, autocast, state
+        self.stop = StopFlag()
+        self.data_state: dict | None = None
+        self.grad_norm: torch.Tensor | None = None  # before clipping, when --grad_clipping > 0
+
+    # -- one update ------------------------------------------------------------------------------------------
+    def train_step(self, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int, bool, dict]:
+        """One optimizer update; returns (local loss sum, global targets, global input tokens, stop, wd metrics)."""
+        device = self.info.device
+        pad_free = [int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches]
+        counts = torch.tensor([sum(target_count(b["labels"]) for b in micro_batches), sum(pad_free),
+                               float(self.stop.raised)], dtype=torch.float64, device=device)
+        targets, inputs, stop = dist.all_reduce_sum(counts).tolist()
+        scale = self.info.world_size / max(targets, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for i, batch in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1 or not self.info.distributed
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
+                micro_loss = token_loss_sum(self.model, batch["input_ids"].to(device, non_blocking=True),
+                                            batch["labels"].to(device, non_blocking=True))
+            (micro_loss * scale).backward()
+            loss_sum += micro_loss.detach().double()
+        wd_metrics: dict = {}
+        if self.config.grad_clipping > 0:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clipping)
+        update = self.wd_scheduler.step(step, self.raw_model)
+        if update is not None:
+            apply_multipliers(self.optimizer, update.multipliers)
+            wd_metrics.update(update.metrics)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, int(targets), int(inputs), stop > 0, wd_metrics
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        config, is_main = self.config, self.info.is_main
+        batches = Prefetcher(self.train_batches)
+        self.stop.install()
+        window = {"loss": torch.zeros((), dtype=torch.float64, device=self.info.device), "targets": 0, "tokens": 0, "time": 0.0}
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not is_main, dynamic_ncols=True,
+                   desc="train")
+        try:
+            for step in range(self.state.step, self.total_steps):
+                lr = config.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=config.warmup_steps,
+                                           schedule=config.scheduler, min_lr_ratio=config.min_lr_ratio)
+                set_learning_rate(self.optimizer, lr)
+                micro = [next(batches) for _ in range(self.grad_accum)]
+                self.data_state = micro[-1][1]
+                start = time.perf_counter()
+                loss_sum, targets, tokens, stop, wd_metrics = self.train_step(step, [b for b, _ in micro])
+                elapsed = time.perf_counter() - start
+                self.state.step, self.state.tokens_seen = step + 1, self.state.tokens_seen + tokens
+                self.state.train_time += elapsed
+                window["loss"] += loss_sum
+                window["targets"] += targets
+                window["tokens"] += tokens
+                window["time"] += elapsed
+                done = self.state.step == self.total_steps
+                if self.state.step % config.log_every == 0 or done:
+                    self._log_train(window, lr, bar, wd_metrics)
+                    window = {"loss": torch.zeros((), dtype=torch.float64, device=self.info.device), "targets": 0, "tokens": 0, "time": 0.0}
+                elif wd_metrics:  # a module-wise pass is logged at its own update
+                    self.logger.log(wd_metrics, step=self.state.step)
+                bar.update(1)
+                if self.state.step % config.eval_every == 0 or done:
+                    self.evaluate_and_log()
+                if self.state.step % config.save_every == 0 or done or stop:
+                    self.save()
+                if stop:
+                    bar.write(f"stopped by signal after update {self.state.step}; checkpoint saved in {self.run_dir}")
+                    break
+        finally:
+            bar.close()
+            batches.close()
+            self.stop.uninstall()
+        return self.state
+
+    def _log_train(self, window: dict, lr: float, bar, extra: dict) -> None:
+        loss_sum = dist.all_reduce_sum(window["loss"].clone()).item()
+        loss = loss_sum / max(window["targets"], 1)
+        metrics = {"loss": loss, "lr": lr, "weight_decay": mean_weight_decay(self.optimizer.param_groups),
+                   "tokens_seen": self.state.tokens_seen,
+                   "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
+        if self.grad_norm is not None:
+            metrics["grad_norm"] = self.grad_norm.item()
+        metrics.update(extra)
+        self.logger.log(metrics, step=self.state.step)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted mean loss over this run's fixed validation subset, reduced across ranks.
+
+        Also the official estimator (torchrun_main.py:158-180): per rank, the sum of per-batch mean losses
+        divided by (number of batches + 1), then averaged over ranks. It is biased low by about 1/(batches+1).
+        """
+        device, model = self.info.device, self.raw_model
+        model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        batch_means = torch.zeros((), dtype=torch.float64, device=device)
+        targets = 0
+        for batch in self.eval_batches:
+            input_ids, labels = batch["input_ids"].to(device).long(), batch["labels"].to(device).long()
+            with self.autocast:
+                batch_sum = token_loss_sum(model, input_ids, labels).double()
+            count = target_count(labels)
+            loss_sum += batch_sum
+            batch_means += batch_sum / max(count, 1)
+            targets += count
+        model.train()
+        official = batch_means / (len(self.eval_batches) + 1)
+        totals = torch.stack([loss_sum, torch.tensor(float(targets), dtype=torch.float64, device=device), official])
+        loss_sum_all, targets_all, official_sum = dist.all_reduce_sum(totals).tolist()
+        eval_loss = loss_sum_all / max(targets_all, 1.0)
+        official_loss = official_sum / self.info.world_size
+        return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
+                "eval_loss_official": official_loss, "eval_ppl_official": math.exp(min(official_loss, 50.0)),
+                "eval_tokens": int(targets_all)}
+
+    def evaluate_and_log(self) -> dict[str, float]:
+        result = self.evaluate()
+        self.logger.log(result, step=self.state.step)
+        if self.info.is_main:
+            tqdm.write(f"step {self.state.step}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f} "
+                       f"(official estimator {result['eval_ppl_official']:.2f}) on {result['eval_tokens']:,} tokens")
+        return result
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Every rank contributes its data position and RNG state; rank 0 writes the checkpoint."""
+        data_states = dist.all_gather_objects(self.data_state)
+        rng_states = dist.all_gather_objects(rng_state())
+        if self.info.is_main:
+            state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "train_time": self.state.train_time,
+                     "optimizer": self.optimizer.state_dict(), "wd_scheduler": self.wd_scheduler.state_dict(),
+                     "data": data_states, "rng": rng_states, "world_size": self.info.world_size,
+                     "wandb_id": self.logger.wandb_id, "config": self.config.to_dict()}
+            path = save_checkpoint(self.run_dir, self.state.step, self.raw_model, state)
+            tqdm.write(f"saved {path}")
+        dist.barrier()

@@ -1,0 +1,86 @@
+"""Shared test helpers: the shipped sample and tokenizer, a 1.1M-parameter LLaMA, CLI runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = str(REPO / "data" / "c4_sample")
+TOKENIZER = str(REPO / "data" / "tokenizer")
+TINY_CONFIG = str(REPO / "configs" / "llama_1m.json")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU-only machines such as CI)")
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on a 2-core CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def train_args(save_dir, **overrides) -> list[str]:
+    """CLI arguments of a small CPU run on the shipped sample; keyword arguments override or add flags."""
+    flags = {
+        "model_config": TINY_CONFIG, "dataset": SAMPLE, "tokenizer": TOKENIZER, "device": "cpu", "dtype": "float32",
+        "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.1, "batch_size": 4, "total_batch_size": 8,
+        "max_length": 64, "num_training_steps": 8, "warmup_steps": 2, "eval_every": 4, "save_every": 4,
+        "target_eval_tokens": 4000, "shuffle_buffer": 64, "wandb_mode": "disabled",
+        "save_dir": str(save_dir) if save_dir is not None else None,
+    }
+    flags.update(overrides)
+    args = []
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if value is True:
+            args.append(f"--{key}")
+        else:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def run_main(args: list[str]) -> int:
+    """torchrun_main.main in this process."""
+    sys.path.insert(0, str(REPO))
+    import torchrun_main
+
+    return torchrun_main.main(args)
+
+
+def run_subprocess(args: list[str], *, launcher: list[str] | None = None, env: dict | None = None,
+                   timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """torchrun_main.py in a fresh interpreter (or under `launcher`, e.g. torchrun)."""
+    command = (launcher or [sys.executable]) + [str(REPO / "torchrun_main.py")] + args
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(Path(run_dir) / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def by_step(metrics: list[dict], key: str) -> dict[int, float]:
+    return {m["step"]: m[key] for m in metrics if key in m}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
