@@ -78,11 +78,15 @@ class Trainer:
     def __init__(self, *, config: TrainConfig, info: dist.DistInfo, model: torch.nn.Module,
                  raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer, wd_scheduler, train_batches,
                  eval_batches: list[dict[str, torch.Tensor]], logger, run_dir: str, total_steps: int,
-                 grad_accum: int, autocast: contextlib.AbstractContextManager, state: TrainState):
+                 grad_accum: int, autocast: contextlib.AbstractContextManager, state: TrainState,
+                 probes: list | None = None):
         self.config, self.info, self.model, self.raw_model = config, info, model, raw_model
         self.optimizer, self.wd_scheduler, self.logger = optimizer, wd_scheduler, logger
         self.train_batches, self.eval_batches, self.run_dir = train_batches, eval_batches, run_dir
         self.total_steps, self.grad_accum, self.autocast, self.state = total_steps, grad_accum, autocast, state
+        # Read-only measurements on their own cadence: objects with due(step, done) -> bool and
+        # __call__(model) -> dict of floats (identical on every rank); see alphadecay/diagnostics.py.
+        self.probes = list(probes or [])
         self.stop = StopFlag()
         self.data_state: dict | None = None
         self.grad_norm: torch.Tensor | None = None  # before clipping, when --grad_clipping > 0
@@ -146,6 +150,9 @@ class Trainer:
                 elif wd_metrics:  # a module-wise pass is logged at its own update
                     self.logger.log(wd_metrics, step=self.state.step)
                 bar.update(1)
+                for probe in self.probes:
+                    if probe.due(self.state.step, done):
+                        self.logger.log(probe(self.raw_model), step=self.state.step)
                 if self.state.step % config.eval_every == 0 or done:
                     self.evaluate_and_log()
                 if self.state.step % config.save_every == 0 or done or stop:
