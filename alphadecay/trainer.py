@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,7 @@ class Trainer:
         self.stop = StopFlag()
         self.data_state: dict | None = None
         self.grad_norm: torch.Tensor | None = None  # before clipping, when --grad_clipping > 0
+        self.last_loss: float | None = None  # the last logged training loss, for the console
 
     # -- one update ------------------------------------------------------------------------------------------
     def train_step(self, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int, bool, dict]:
@@ -125,8 +127,9 @@ class Trainer:
         batches = Prefetcher(self.train_batches)
         self.stop.install()
         window = {"loss": torch.zeros((), dtype=torch.float64, device=self.info.device), "targets": 0, "tokens": 0, "time": 0.0}
+        # In a log file (not a terminal) the bar redraws at most every 30 s instead of several times a second.
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not is_main, dynamic_ncols=True,
-                   desc="train")
+                   desc="train", mininterval=0.1 if sys.stderr.isatty() else 30.0)
         try:
             for step in range(self.state.step, self.total_steps):
                 lr = config.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=config.warmup_steps,
@@ -176,6 +179,7 @@ class Trainer:
             metrics["grad_norm"] = self.grad_norm.item()
         metrics.update(extra)
         self.logger.log(metrics, step=self.state.step)
+        self.last_loss = loss
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
     # -- evaluation ------------------------------------------------------------------------------------------
@@ -213,8 +217,10 @@ class Trainer:
         result = self.evaluate()
         self.logger.log(result, step=self.state.step)
         if self.info.is_main:
-            tqdm.write(f"step {self.state.step}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f} "
-                       f"(official estimator {result['eval_ppl_official']:.2f}) on {result['eval_tokens']:,} tokens")
+            train = f"train loss {self.last_loss:.4f}, " if self.last_loss is not None else ""
+            tqdm.write(f"step {self.state.step}: {train}eval loss {result['eval_loss']:.4f}, perplexity "
+                       f"{result['eval_ppl']:.2f} (official estimator {result['eval_ppl_official']:.2f}) "
+                       f"on {result['eval_tokens']:,} tokens")
         return result
 
     # -- checkpoints -----------------------------------------------------------------------------------------

@@ -129,6 +129,9 @@ def test_packed_rows_concatenate_documents_with_eos(tokenizer):
         def __iter__(self):
             return iter(texts * 10)
 
+        def state_dict(self):
+            return {}
+
     batches = data.TokenBatches(Fixed(), tokenizer, spec, batch_size=2)
     rows = [b["input_ids"] for b, _ in batches]
     flat = torch.cat([r.flatten() for r in rows]).tolist()
