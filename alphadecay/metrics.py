@@ -24,14 +24,13 @@ def _clean(value: Any) -> Any:
 
 class MetricsLogger:
     def __init__(self, run_dir: str, *, enabled: bool, project: str, name: str, mode: str | None, config: dict,
-                 resume_step: int | None = None, wandb_id: str | None = None, tags: list[str] | None = None):
+                 resume_step: int = 0, wandb_id: str | None = None, tags: list[str] | None = None):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb_run = None
         if not enabled:
             return
-        if resume_step is not None:
-            self._truncate_after(resume_step)
+        self._truncate_after(resume_step)  # a fresh run (step 0) starts a fresh file
         mode = mode or os.environ.get("WANDB_MODE") or "offline"
         if mode != "disabled":
             self.wandb_run = self._start_wandb(run_dir, project, name, mode, config, wandb_id, tags)

@@ -66,6 +66,11 @@ def resolve_run_dir(config: TrainConfig, info: dist.DistInfo) -> str:
         stem = os.path.splitext(os.path.basename(config.model_config))[0]
         run_dir = os.path.join("checkpoints", f"{stem}-{time.strftime('%Y-%m-%d-%H-%M-%S')}-{config.wandb_name}")
     run_dir = dist.broadcast_object(run_dir)  # one name even when the ranks' clocks differ
+    if not config.continue_from and os.path.isdir(run_dir):
+        existing = sorted(d for d in os.listdir(run_dir) if d.startswith("model_"))
+        if existing:
+            raise UserError(f"--save_dir {run_dir} already holds checkpoints ({', '.join(existing)}); resume with "
+                            f"--continue_from {run_dir}, or choose another --save_dir.")
     if info.is_main:
         os.makedirs(run_dir, exist_ok=True)
     dist.barrier()
@@ -130,7 +135,7 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     param_groups = build_param_groups(raw_model, weight_decay=config.weight_decay, decay_norms=config.decay_norms,
                                       decay_embeddings=config.decay_embeddings)
     optimizer = build_optimizer(param_groups, config, info.device)
-    wd_scheduler = build_wd_scheduler(config, optimizer.param_groups)
+    wd_scheduler = build_wd_scheduler(config, raw_model, optimizer.param_groups)
 
     documents = data.DocumentStream(inputs.train_files, rank=info.rank, world_size=info.world_size,
                                     seed=config.data_seed, buffer_size=config.shuffle_buffer)
@@ -163,7 +168,7 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     if info.is_main:
         config_lib.save(config, os.path.join(run_dir, "config.json"))
     logger = MetricsLogger(run_dir, enabled=info.is_main, project=config.wandb_project, name=config.wandb_name,
-                           mode=config.wandb_mode, config=run_info, resume_step=state.step if resume else None,
+                           mode=config.wandb_mode, config=run_info, resume_step=state.step,
                            wandb_id=resume[1].get("wandb_id") if resume else None,
                            tags=config.tags.split(",") if config.tags else None)
     log0(info, f"{config.table()}\n\n{describe(optimizer.param_groups)}\n\n"

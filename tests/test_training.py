@@ -210,3 +210,9 @@ def test_user_errors_print_no_traceback(tmp_path):
     assert "Traceback" not in done.stderr and done.stderr.startswith("error: --total_batch_size 8")
     unknown = run_subprocess(["--no_such_flag", "1"])
     assert unknown.returncode == 2 and "unknown flag(s): --no_such_flag" in unknown.stderr
+
+
+def test_a_run_directory_with_checkpoints_is_not_overwritten(reference_run, capsys):
+    assert run_main(train_args(reference_run)) == 2
+    assert f"--save_dir {reference_run} already holds checkpoints" in capsys.readouterr().err
+    assert (reference_run / "model_8").exists()
