@@ -40,12 +40,21 @@ class WeightDecayScheduler(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def build_wd_scheduler(config: TrainConfig, param_groups: list[dict]) -> WeightDecayScheduler:
+def build_wd_scheduler(config: TrainConfig, model: nn.Module, param_groups: list[dict]) -> WeightDecayScheduler:
     """The only place that knows every method: --wd_scheduler (or the official flags) -> scheduler."""
-    from baselines.uniform import Uniform
-
     method = config.wd_method()
-    builders = {"uniform": lambda: Uniform()}
-    if method not in builders:
-        raise NotImplementedError(f"weight-decay method {method!r} is not available yet")
-    return builders[method]()
+    if method == "uniform":
+        from baselines.uniform import Uniform
+
+        return Uniform()
+    if method == "awd":
+        from baselines.awd import AWD
+
+        return AWD([g["name"] for g in param_groups], weight_decay=config.weight_decay, multiplier=config.awd_multiplier)
+    if method == "adadecay":
+        from baselines.adadecay import build_adadecay
+
+        return build_adadecay(config, model, param_groups)
+    from alphadecay.modulewise import ModulewiseDecay
+
+    return ModulewiseDecay.from_config(config, model, param_groups)
