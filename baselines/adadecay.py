@@ -1,0 +1,21 @@
+"""AdaDecay (Nakamura & Hong, IEEE Access 2019) as the AlphaDecay paper ran it: its baseline2.
+
+The original method rescales decay per parameter, every step, by 2*sigmoid(alpha * z) of the gradient magnitude
+z-scored within a layer. The paper's port (official-code.md §4.2) is coarser, and this is what we reproduce:
+one score per Linear module, the Frobenius norm of its gradient (after the DDP all-reduce); z-scored within each
+transformer block; multiplier 2*sigmoid(4 z); refreshed at update 0 (all norms are the placeholder 10 there, so
+the decay starts uniform) and every --unbalancedWD_every updates. It is the module-wise machinery of AlphaDecay
+with another score and map, so it is built from it rather than copied; it computes no eigenvalues.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from alphadecay.config import TrainConfig
+from alphadecay.modulewise import ModulewiseDecay
+
+
+def build_adadecay(config: TrainConfig, model: nn.Module, param_groups: list[dict]) -> ModulewiseDecay:
+    """--wd_scheduler adadecay (or the official --esd_metric_for_tb gradnorm --assign_func layerwise_sigmoid)."""
+    return ModulewiseDecay.from_config(config, model, param_groups)
