@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Markdown tables of final validation perplexity from finished runs, laid out like the AlphaDecay paper's.
+
+    scripts/make_tables.py RUN_DIR_OR_GLOB... [--out tables.md] [--official]
+
+Each argument is a run directory (holding config.json and metrics.jsonl), a directory searched for run
+directories (e.g. `runs`), or a quoted glob (`'runs/*-130M-*'`). One table per optimizer (Adam, AdamW); rows
+are the methods (Uniform, AWD, AdaDecay, AlphaDecay), columns are model size x base weight decay, with WD 0
+(no decay) as its own column. A cell is the mean ± sample standard deviation (n - 1) over the runs in it
+(normally seeds), with n; a single run shows its value alone. The lowest mean of each column with two or more
+entries is in bold.
+
+A run's value is its last evaluation, which must be at its final update (runs still training, or stopped early,
+are left out and listed on stderr). `eval_ppl` is the token-weighted perplexity; `--official` uses
+`eval_ppl_official`, the official code's estimator (biased low, ~3% at the paper's 10M evaluation tokens),
+which is what the paper reports. Standard library only (plus this repository's alphadecay.config, which is
+standard library too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from alphadecay.config import TrainConfig  # noqa: E402  (needs the repository root on sys.path)
+
+METHOD_LABELS = {"uniform": "Uniform", "awd": "AWD", "adadecay": "AdaDecay", "alphadecay": "AlphaDecay"}
+OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW"}
+# Settings that do not change what a run computes; runs sharing a cell may differ in these (and in seed).
+LOGISTICS = {"seed", "save_dir", "wandb_name", "wandb_mode", "wandb_project", "tags", "name", "continue_from",
+             "workers", "batch_size", "gradient_accumulation", "device", "log_every", "save_every", "single_cuda"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    path: str
+    config: TrainConfig
+    last_eval: dict | None  # the last evaluation event of metrics.jsonl
+
+    @property
+    def finished(self) -> bool:
+        """Its last evaluation is at the final update."""
+        return self.last_eval is not None and self.last_eval["step"] >= self.config.train_steps()
+
+    @property
+    def size(self) -> str:
+        return size_label(self.config.model_config)
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "metrics.jsonl"))
+
+
+def load_run(path: str) -> Run:
+    """A run directory's configuration and last evaluation event."""
+    with open(os.path.join(path, "config.json")) as fh:
+        saved = json.load(fh)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    last_eval = None
+    with open(os.path.join(path, "metrics.jsonl")) as fh:
+        for line in fh:
+            if line.strip():
+                event = json.loads(line)
+                if "eval_ppl" in event:
+                    last_eval = event
+    return Run(path, config, last_eval)
+
+
+def find_run_dirs(arguments: list[str]) -> list[str]:
+    """Run directories named by the arguments (directories, searched recursively, or globs), each once."""
+    found: dict[str, None] = {}
+    for argument in arguments:
+        matches = sorted(glob.glob(argument)) or [argument]
+        for match in matches:
+            if not os.path.isdir(match):
+                print(f"note: {match} is not a directory; skipped", file=sys.stderr)
+                continue
+            for root, dirs, _ in os.walk(match):
+                dirs.sort()
+                if is_run_dir(root):
+                    found.setdefault(os.path.realpath(root))
+                    dirs.clear()  # its model_<step>/ checkpoints hold a (model) config.json too
+    return list(found)
+
+
+def size_label(model_config: str) -> str:
+    """configs/llama_130m.json -> 130M."""
+    stem = Path(model_config).stem
+    match = re.fullmatch(r"llama_(\d+(?:\.\d+)?)([mb])", stem)
+    return f"{match.group(1)}{match.group(2).upper()}" if match else stem
+
+
+def size_order(label: str) -> tuple[float, str]:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([MB])", label)
+    return (float(match.group(1)) * (1e3 if match.group(2) == "B" else 1.0), label) if match else (math.inf, label)
+
+
+def format_wd(wd: float) -> str:
+    """1e-05 -> 1e-5, 0.1 -> 0.1, 0.0 -> 0."""
+    return re.sub(r"e([-+])0*(\d)", r"e\1\2", f"{wd:g}")
+
+
+def format_cell(values: list[float], bold: bool) -> str:
+    mean = statistics.fmean(values)
+    text = f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {statistics.stdev(values):.2f}"
+    return f"**{text}** (n={len(values)})" if bold else f"{text} (n={len(values)})"
+
+
+def make_table(optimizer: str, cells: dict[tuple[str, float, str], list[float]]) -> str:
+    """One optimizer's table; cells maps (size, wd, method) to the runs' perplexities."""
+    columns = sorted({(size, wd) for size, wd, _ in cells}, key=lambda c: (size_order(c[0]), c[1] != 0, -c[1]))
+    methods = [m for m in METHOD_LABELS if any(method == m for _, _, method in cells)]
+    best: dict[tuple[str, float], float] = {}
+    for column in columns:
+        means = [round(statistics.fmean(cells[(*column, m)]), 2) for m in methods if (*column, m) in cells]
+        if len(means) >= 2:
+            best[column] = min(means)
+    lines = [f"## {OPTIMIZER_LABELS.get(optimizer, optimizer)}", "",
+             "| Method | " + " | ".join(f"{size}, WD {format_wd(wd)}" for size, wd in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for method in methods:
+        row = []
+        for column in columns:
+            values = cells.get((*column, method))
+            row.append(format_cell(values, best.get(column) == round(statistics.fmean(values), 2)) if values else "–")
+        lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def make_tables(runs: list[Run], official: bool = False) -> str:
+    """Markdown for finished runs (unfinished ones and cells that mix settings are reported on stderr)."""
+    key = "eval_ppl_official" if official else "eval_ppl"
+    groups: dict[tuple[str, str, float, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        if not run.finished:
+            step = run.last_eval["step"] if run.last_eval else "none"
+            print(f"note: {run.path} is not finished (last evaluation at update {step} of "
+                  f"{run.config.train_steps()}); left out", file=sys.stderr)
+            continue
+        config = run.config
+        groups[(config.optimizer, run.size, config.weight_decay, config.wd_method())].append(run)
+
+    tables: dict[str, dict[tuple[str, float, str], list[float]]] = defaultdict(dict)
+    for (optimizer, size, wd, method), members in sorted(groups.items()):
+        warn_if_mixed(members)
+        tables[optimizer][(size, wd, method)] = [run.last_eval[key] for run in members]
+    if not tables:
+        return "No finished runs.\n"
+    estimator = ("`eval_ppl_official`: the official code's estimator, biased low (~3% at 10M evaluation tokens), "
+                 "comparable with the paper" if official else "`eval_ppl`: token-weighted")
+    blocks = [make_table(optimizer, tables[optimizer]) for optimizer in sorted(tables)]  # adam, adamw
+    legend = (f"Final validation perplexity ({estimator}): mean ± sample standard deviation over runs (seeds), "
+              "n = number of runs; the lowest mean in each column is in bold.")
+    return "\n\n".join(blocks) + "\n\n" + legend + "\n"
+
+
+def warn_if_mixed(members: list[Run]) -> None:
+    """Runs averaged together should differ only in seed and logistics."""
+    settings = [{k: v for k, v in dataclasses.asdict(r.config).items() if k not in LOGISTICS} for r in members]
+    differing = sorted(k for k in settings[0] if any(s[k] != settings[0][k] for s in settings))
+    if differing:
+        print(f"warning: runs averaged in one cell differ in {', '.join(differing)}: "
+              f"{', '.join(r.path for r in members)}", file=sys.stderr)
+    seeds = [r.config.seed for r in members]
+    if len(set(seeds)) < len(seeds):
+        print(f"warning: repeated seeds {sorted(seeds)} in one cell: {', '.join(r.path for r in members)}",
+              file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_GLOB")
+    parser.add_argument("--out", help="also write the markdown to this file")
+    parser.add_argument("--official", action="store_true",
+                        help="use eval_ppl_official (the official estimator, as in the paper) instead of eval_ppl")
+    args = parser.parse_args(argv)
+    run_dirs = find_run_dirs(args.runs)
+    if not run_dirs:
+        print(f"error: no run directories (config.json + metrics.jsonl) under {' '.join(args.runs)}",
+              file=sys.stderr)
+        return 2
+    markdown = make_tables([load_run(path) for path in run_dirs], official=args.official)
+    print(markdown, end="")
+    if args.out:
+        Path(args.out).write_text(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
