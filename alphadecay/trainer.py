@@ -93,6 +93,15 @@ class Trainer:
         self.grad_norm: torch.Tensor | None = None  # before clipping, when --grad_clipping > 0
         self.last_loss: float | None = None  # the last logged training loss, for the console
 
+    @classmethod
+    def for_updates(cls, config: TrainConfig, info: dist.DistInfo, model: torch.nn.Module, optimizer, wd_scheduler,
+                    raw_model: torch.nn.Module | None = None) -> Trainer:
+        """A trainer that only runs `train_step` on batches it is given: no data, evaluation, logging or saving
+        (for tests and benchmarks)."""
+        return cls(config=config, info=info, model=model, raw_model=raw_model or model, optimizer=optimizer,
+                   wd_scheduler=wd_scheduler, train_batches=None, eval_batches=[], logger=None, run_dir="",
+                   total_steps=0, grad_accum=1, autocast=contextlib.nullcontext(), state=TrainState())
+
     # -- one update ------------------------------------------------------------------------------------------
     def train_step(self, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int, bool, dict]:
         """One optimizer update; returns (local loss sum, global targets, global input tokens, stop, wd metrics)."""

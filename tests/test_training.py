@@ -19,7 +19,7 @@ from alphadecay.data import IGNORE_INDEX
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
 from alphadecay.param_groups import build_param_groups
-from alphadecay.trainer import Trainer, TrainState
+from alphadecay.trainer import Trainer
 from baselines.uniform import Uniform
 from tests.conftest import (REPO, TINY_CONFIG, by_step, free_port, read_metrics, run_main, run_subprocess,
                             train_args)
@@ -106,10 +106,7 @@ def one_update(micro_batches, info, ddp=False, optimizer_name="adamw"):
     raw = build_model(load_model_config(TINY_CONFIG), seed=0).double()
     optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, info.device)
     model = torch.nn.parallel.DistributedDataParallel(raw) if ddp else raw
-    trainer = Trainer(config=config, info=info, model=model, raw_model=raw, optimizer=optimizer,
-                      wd_scheduler=Uniform(), train_batches=None, eval_batches=[], logger=None, run_dir="",
-                      total_steps=1, grad_accum=len(micro_batches), autocast=torch.autocast("cpu", enabled=False),
-                      state=TrainState())
+    trainer = Trainer.for_updates(config, info, model, optimizer, Uniform(), raw_model=raw)
     loss_sum, targets, _, _, _ = trainer.train_step(1, micro_batches)
     loss = dist.all_reduce_sum(loss_sum.double().clone()).item() / targets
     return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}
