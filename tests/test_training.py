@@ -213,3 +213,29 @@ def test_a_run_directory_with_checkpoints_is_not_overwritten(reference_run, caps
     assert run_main(train_args(reference_run)) == 2
     assert f"--save_dir {reference_run} already holds checkpoints" in capsys.readouterr().err
     assert (reference_run / "model_8").exists()
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [("bfloat16", torch.bfloat16), ("amp_bf16", torch.float32)])
+def test_bf16_runs_on_cpu(tmp_path, dtype, param_dtype):
+    assert run_main(train_args(tmp_path, dtype=dtype, num_training_steps=3, eval_every=3, save_every=3)) == 0
+    loss = by_step(read_metrics(tmp_path), "loss")
+    assert len(loss) == 3 and all(v == v and v < 20 for v in loss.values())
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "model_3", torch_dtype="auto")
+    assert next(model.parameters()).dtype == param_dtype  # pure bf16 keeps bf16 weights; amp keeps float32 masters
+
+
+def test_gradient_clipping_logs_the_norm_before_clipping(tmp_path):
+    assert run_main(train_args(tmp_path, grad_clipping=0.01, num_training_steps=2, eval_every=100, save_every=100)) == 0
+    norms = by_step(read_metrics(tmp_path), "grad_norm")
+    assert sorted(norms) == [1, 2] and all(n > 0.01 for n in norms.values())
+
+
+def test_wandb_offline_run_keeps_its_id_across_resume(tmp_path):
+    args = train_args(tmp_path, wandb_mode="offline", num_training_steps=4, save_every=2, eval_every=100)
+    assert run_main(args) == 0
+    state = torch.load(tmp_path / "model_2" / "training_state.pt", weights_only=False)
+    assert state["wandb_id"] and any((tmp_path / "wandb").glob(f"offline-run-*-{state['wandb_id']}"))
+    shutil.rmtree(tmp_path / "model_4")
+    assert run_main(args + ["--continue_from", str(tmp_path)]) == 0
+    resumed = torch.load(tmp_path / "model_4" / "training_state.pt", weights_only=False)
+    assert resumed["wandb_id"] == state["wandb_id"]
