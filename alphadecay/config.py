@@ -30,6 +30,8 @@ ESD_METRICS = (
 )
 ASSIGN_FUNCS = ("tb_linear_map", "tb_sqrt", "tb_log2", "layerwise_sigmoid")
 PL_FITTINGS = ("median", "fix-finger", "goodness-of-fit")
+SCALING_RULES = ("none", "fan2025", "mup_lr")  # alphadecay/scaling.py
+SCALING_HEADS = ("matrix", "vector")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, group: str = "training", **extra: Any) -> Any:
@@ -100,6 +102,12 @@ class TrainConfig:
     official_fix_finger: bool = _f(False, "fix-finger fit with the official code's lower bound (a log10 value compared with linear eigenvalues)", group="weight decay")
     batchnorm: bool = _f(True, "accepted for compatibility (ties BatchNorm decay to convolutions; LLaMA has none)", group="weight decay")
     batchnorm_type: str = _f("name", "accepted for compatibility (no effect on LLaMA)", choices=("name",), group="weight decay")
+
+    # --- scaling rules (alphadecay/scaling.py, alphadecay/diagnostics.py) -------------------------------
+    scaling_rule: str = _f("none", "layerwise lr/decay rule across widths d (Fan et al. 2025): none = standard parameterisation; fan2025 = matrices lr x base_width/d and decay x sqrt(d/base_width), vectors (norms, embedding) decay 0; mup_lr = the matrix lr rule only", choices=SCALING_RULES, group="scaling rules")
+    base_width: Optional[int] = _f(None, "hidden size of the proxy model on which --lr and --weight_decay were tuned; required by --scaling_rule fan2025 and mup_lr", group="scaling rules")
+    scaling_head: str = _f("matrix", "the rule's class for lm_head: matrix (muP's 1/fan_in Adam lr for an output layer without a width multiplier, decay x sqrt(d/base_width)) or vector (lr x 1, decay 0)", choices=SCALING_HEADS, group="scaling rules")
+    diagnostics_every: int = _f(0, "log each Linear's top singular value (sigma_max/<module>) and each sublayer's gain on a fixed probe batch (gain/attn/<layer>, gain/mlp/<layer>) every this many updates and at the end; 0 = off", group="scaling rules")
 
     # --- evaluation, logging, checkpoints -------------------------------------------------------------
     eval_every: int = _f(100, "evaluate every this many updates (and at the end)", group="evaluation, logging, checkpoints")
@@ -285,6 +293,7 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--xmin_pos must be > 1 (2 = median xmin), got {config.xmin_pos}.")
     if config.wd_method() == "awd" and config.weight_decay <= 0:
         raise UserError("AWD sets lambda_awd = --awd_multiplier * --weight_decay; give --weight_decay > 0.")
+    validate_scaling(config)
     for pattern in config.wd_exclude:
         try:
             re.compile(pattern)
@@ -293,6 +302,24 @@ def validate(config: TrainConfig) -> None:
     for name in ("lr", "weight_decay", "min_lr_ratio", "wd_min_ratio", "wd_max_ratio"):
         if not math.isfinite(getattr(config, name)):
             raise UserError(f"--{name} must be a finite number.")
+
+
+def validate_scaling(config: TrainConfig) -> None:
+    """The scaling-rule flags: a rule needs the proxy width, and fan2025's decay rule is for decoupled decay."""
+    rule = config.scaling_rule
+    if rule != "none" and config.base_width is None:
+        raise UserError(f"--scaling_rule {rule} needs --base_width: the hidden size of the proxy model on which --lr "
+                        "and --weight_decay were tuned (the proxy run itself passes its own hidden size).")
+    if rule == "none" and config.base_width is not None:
+        raise UserError("--base_width has no effect with --scaling_rule none; add --scaling_rule fan2025 (or mup_lr) "
+                        "or drop --base_width.")
+    if config.base_width is not None and config.base_width <= 0:
+        raise UserError(f"--base_width must be positive, got {config.base_width}.")
+    if rule == "fan2025" and config.optimizer != "adamw":
+        raise UserError("--scaling_rule fan2025 scales decoupled (AdamW) weight decay; torch Adam's decay is coupled "
+                        "L2, for which the rule is not derived. Add --optimizer adamw.")
+    if config.diagnostics_every < 0:
+        raise UserError(f"--diagnostics_every must be >= 0 (0 = off), got {config.diagnostics_every}.")
 
 
 def save(config: TrainConfig, path: str) -> None:

@@ -20,11 +20,13 @@ from alphadecay import config as config_lib
 from alphadecay import data, dist
 from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_state
 from alphadecay.config import TrainConfig
+from alphadecay.diagnostics import ScalingDiagnostics
 from alphadecay.errors import UserError
 from alphadecay.metrics import MetricsLogger
 from alphadecay.model import build_model, count_parameters, load_model_config
 from alphadecay.optim import build_optimizer
 from alphadecay.param_groups import build_param_groups, describe
+from alphadecay.scaling import apply_scaling_rule
 from alphadecay.schedulers import build_wd_scheduler
 from alphadecay.trainer import Trainer, TrainState
 
@@ -134,6 +136,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
         raw_model.gradient_checkpointing_enable()
     param_groups = build_param_groups(raw_model, weight_decay=config.weight_decay, decay_norms=config.decay_norms,
                                       decay_embeddings=config.decay_embeddings)
+    apply_scaling_rule(param_groups, rule=config.scaling_rule, width=inputs.model_config.hidden_size,
+                       base_width=config.base_width, head=config.scaling_head)
     optimizer = build_optimizer(param_groups, config, info.device)
     wd_scheduler = build_wd_scheduler(config, raw_model, optimizer.param_groups)
 
@@ -158,6 +162,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
         log0(info, f"note: the validation split has fewer than --target_eval_tokens {config.target_eval_tokens:,} "
                    f"tokens; every evaluation uses all of it")
 
+    probes = ([ScalingDiagnostics.from_eval_batches(config.diagnostics_every, eval_batches, info.device)]
+              if config.diagnostics_every else [])
     model = raw_model
     if info.distributed:
         model = DistributedDataParallel(raw_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
@@ -181,4 +187,4 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     return Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
                    wd_scheduler=wd_scheduler, train_batches=train_batches, eval_batches=eval_batches, logger=logger,
                    run_dir=run_dir, total_steps=total_steps, grad_accum=inputs.grad_accum, autocast=autocast,
-                   state=state)
+                   state=state, probes=probes)
