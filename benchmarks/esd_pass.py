@@ -201,13 +201,14 @@ def bench(size: str, variant: str, args: argparse.Namespace, world_sizes: list[i
               f" {show(every)}   speed-up {base_s / statistics.median(every):5.2f}x")
         ok &= report_agreement(ours, reference, tuned, args.fit)
         print(f"alpha by type (ours): {alpha_by_type(ours)}")
-    for world in (w for w in world_sizes if w > 1):
+    # Sharding at equal per-rank resources (one thread each): 1 rank first, so the fall with ranks is visible.
+    for world in ([1] if max(world_sizes) > 1 else []) + [w for w in world_sizes if w > 1]:
         if device.type != "cpu":
             print(f"(skipping {world} ranks: the sharded benchmark uses gloo on CPU)")
             continue
         slowest, own, per_rank = sharded(tuned, world, args.fit, args.repeats)
         identical = all(r == per_rank[0] for r in per_rank[1:])
-        print(f"ours      module_metrics, the {len(tuned)} tuned Linears, {world} gloo ranks x 1 thread, slowest rank:"
+        print(f"ours      module_metrics, the {len(tuned)} tuned Linears, {world} gloo rank(s) x 1 thread, slowest rank:"
               f" {show(slowest)}   speed-up {base_s / statistics.median(slowest):5.2f}x")
         print(f"          per-rank medians {', '.join(f'{t:.3f}' for t in own)} s; all ranks' dicts identical: "
               f"{identical}")
