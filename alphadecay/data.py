@@ -320,8 +320,19 @@ class Prefetcher:
             raise item
         return item
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the producer and wait for it: a daemon thread still inside the tokenizer or the JSON reader when
+        the interpreter exits can abort the process."""
         self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.1)
+            timeout -= 0.1
+            if timeout <= 0:
+                break
 
 
 # ------------------------------------------------------------------------------------------------------------
