@@ -3,8 +3,10 @@
 metrics.jsonl holds one object per logged event, with the same keys wandb gets: `step` (updates completed) and,
 for training updates, `loss`, `lr`, `weight_decay`, `tokens_seen`, `tokens_per_s`; for evaluations `eval_loss`,
 `eval_ppl` (token-weighted) and `eval_loss_official`, `eval_ppl_official` (the official estimator); for
-module-wise decay passes `alpha/<module>`, `wd/<module>` and their summaries. wandb is never required: if it is
-missing or cannot start, a warning is printed and the JSON file still gets everything.
+module-wise decay passes `alpha/<module>` (or `<metric>/<module>`), `wd/<module>` and their summaries; for AWD
+`awd/lambda_t`, `awd/lambda_bar`; for the scaling-rule diagnostics `sigma_max/<module>`, `gain/attn/<layer>`,
+`gain/mlp/<layer>`. wandb is never required: if it is missing or cannot start, a warning is printed and the JSON
+file still gets everything.
 """
 
 from __future__ import annotations

@@ -182,6 +182,9 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                f" on {info.device} x {info.world_size}; weight decay: {config.wd_method()}; "
                f"{total_steps} updates of {config.total_batch_size} x {config.max_length} tokens "
                f"(accumulation {inputs.grad_accum}); run directory {run_dir}")
+    if config.use_modulewise_wd and not config.alpha_positively_with_WD:
+        log0(info, "note: --use_modulewise_wd without --alpha_positively_with_WD measures and logs the module-wise "
+                   "metrics but keeps every decay at its base value (add --alpha_positively_with_WD to apply them)")
     autocast = (torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast
                 else contextlib.nullcontext())
     return Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
