@@ -106,8 +106,8 @@ class Trainer:
     def train_step(self, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int, bool, dict]:
         """One optimizer update; returns (local loss sum, global targets, global input tokens, stop, wd metrics)."""
         device = self.info.device
-        pad_free = [int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches]
-        counts = torch.tensor([sum(target_count(b["labels"]) for b in micro_batches), sum(pad_free),
+        inputs = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)  # non-pad input tokens
+        counts = torch.tensor([sum(target_count(b["labels"]) for b in micro_batches), inputs,
                                float(self.stop.raised)], dtype=torch.float64, device=device)
         targets, inputs, stop = dist.all_reduce_sum(counts).tolist()
         scale = self.info.world_size / max(targets, 1.0)
@@ -135,7 +135,7 @@ class Trainer:
         config, is_main = self.config, self.info.is_main
         batches = Prefetcher(self.train_batches)
         self.stop.install()
-        window = {"loss": torch.zeros((), dtype=torch.float64, device=self.info.device), "targets": 0, "tokens": 0, "time": 0.0}
+        window = self._empty_window()
         # In a log file (not a terminal) the bar redraws at most every 30 s instead of several times a second.
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not is_main, dynamic_ncols=True,
                    desc="train", mininterval=0.1 if sys.stderr.isatty() else 30.0)
@@ -158,7 +158,7 @@ class Trainer:
                 done = self.state.step == self.total_steps
                 if self.state.step % config.log_every == 0 or done:
                     self._log_train(window, lr, bar, wd_metrics)
-                    window = {"loss": torch.zeros((), dtype=torch.float64, device=self.info.device), "targets": 0, "tokens": 0, "time": 0.0}
+                    window = self._empty_window()
                 elif wd_metrics:  # a module-wise pass is logged at its own update
                     self.logger.log(wd_metrics, step=self.state.step)
                 bar.update(1)
@@ -177,6 +177,11 @@ class Trainer:
             batches.close()
             self.stop.uninstall()
         return self.state
+
+    def _empty_window(self) -> dict:
+        """Sums over the updates since the last training log line."""
+        return {"loss": torch.zeros((), dtype=torch.float64, device=self.info.device), "targets": 0, "tokens": 0,
+                "time": 0.0}
 
     def _log_train(self, window: dict, lr: float, bar, extra: dict) -> None:
         loss_sum = dist.all_reduce_sum(window["loss"].clone()).item()
@@ -205,10 +210,10 @@ class Trainer:
         batch_means = torch.zeros((), dtype=torch.float64, device=device)
         targets = 0
         for batch in self.eval_batches:
+            count = target_count(batch["labels"])  # on the CPU copy: no device sync per batch
             input_ids, labels = batch["input_ids"].to(device).long(), batch["labels"].to(device).long()
             with self.autocast:
                 batch_sum = token_loss_sum(model, input_ids, labels).double()
-            count = target_count(labels)
             loss_sum += batch_sum
             batch_means += batch_sum / max(count, 1)
             targets += count
