@@ -59,11 +59,12 @@ def resolve_dtype(config: TrainConfig, device: torch.device) -> tuple[torch.dtyp
             "amp_bf16": (torch.float32, True)}[name]
 
 
-def resolve_run_dir(config: TrainConfig, info: dist.DistInfo) -> str:
+def resolve_run_dir(config: TrainConfig, info: dist.DistInfo, checkpoint: str | None) -> str:
+    """--save_dir, else the resumed checkpoint's run directory, else checkpoints/<config>-<time>-<wandb_name>."""
     if config.save_dir:
         run_dir = config.save_dir
-    elif config.continue_from:
-        run_dir = os.path.dirname(os.path.abspath(find_checkpoint(config.continue_from)))
+    elif checkpoint:
+        run_dir = os.path.dirname(os.path.abspath(checkpoint))
     else:
         stem = os.path.splitext(os.path.basename(config.model_config))[0]
         run_dir = os.path.join("checkpoints", f"{stem}-{time.strftime('%Y-%m-%d-%H-%M-%S')}-{config.wandb_name}")
@@ -101,6 +102,7 @@ class Inputs:
     train_files: list[str]
     eval_files: list[str]
     grad_accum: int
+    checkpoint: str | None  # the checkpoint directory --continue_from resolves to
 
 
 def check_inputs(config: TrainConfig, info: dist.DistInfo) -> Inputs:
@@ -112,25 +114,33 @@ def check_inputs(config: TrainConfig, info: dist.DistInfo) -> Inputs:
     spec = data.RowSpec.from_tokenizer(tokenizer, config.max_length, config.packing)
     train_files = data.list_shards(config.dataset, config.dataset_config, "train")
     eval_files = data.list_shards(config.dataset, config.dataset_config, "validation")
-    if config.continue_from:
-        find_checkpoint(config.continue_from)
-    return Inputs(model_config, tokenizer, spec, train_files, eval_files, grad_accum)
+    checkpoint = find_checkpoint(config.continue_from) if config.continue_from else None
+    return Inputs(model_config, tokenizer, spec, train_files, eval_files, grad_accum, checkpoint)
+
+
+def restore(saved: dict, optimizer, wd_scheduler, train_batches: data.TokenBatches, info: dist.DistInfo) -> TrainState:
+    """Put the optimizer, the weight-decay scheduler, this rank's data position and RNG back where they were."""
+    if saved["world_size"] != info.world_size:
+        raise UserError(f"--continue_from: the checkpoint was written by {saved['world_size']} process(es); "
+                        f"resume it with the same number (this run has {info.world_size}).")
+    optimizer.load_state_dict(saved["optimizer"])
+    wd_scheduler.load_state_dict(saved["wd_scheduler"])
+    train_batches.load_state_dict(saved["data"][info.rank])
+    set_rng_state(saved["rng"][info.rank])
+    return TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], train_time=saved["train_time"])
 
 
 def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would interleave with ours
     inputs = check_inputs(config, info)
-    run_dir = resolve_run_dir(config, info)
+    run_dir = resolve_run_dir(config, info, inputs.checkpoint)
     dtype, use_autocast = resolve_dtype(config, info.device)
     total_steps = config.train_steps()
 
-    resume = load_checkpoint(find_checkpoint(config.continue_from)) if config.continue_from else None
-    if resume and resume[1]["world_size"] != info.world_size:
-        raise UserError(f"--continue_from: the checkpoint was written by {resume[1]['world_size']} process(es); "
-                        f"resume it with the same number (this run has {info.world_size}).")
+    weights, saved = load_checkpoint(inputs.checkpoint) if inputs.checkpoint else (None, None)
     raw_model = build_model(inputs.model_config, seed=config.seed)
-    if resume:
-        raw_model.load_state_dict(resume[0], strict=True)
+    if weights is not None:
+        raw_model.load_state_dict(weights, strict=True)
     raw_model.to(device=info.device, dtype=dtype)
     if config.activation_checkpointing:
         raw_model.gradient_checkpointing_enable()
@@ -144,14 +154,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     documents = data.DocumentStream(inputs.train_files, rank=info.rank, world_size=info.world_size,
                                     seed=config.data_seed, buffer_size=config.shuffle_buffer)
     train_batches = data.TokenBatches(documents, inputs.tokenizer, inputs.spec, config.batch_size)
-    state = TrainState()
-    if resume:
-        saved = resume[1]
-        optimizer.load_state_dict(saved["optimizer"])
-        wd_scheduler.load_state_dict(saved["wd_scheduler"])
-        train_batches.load_state_dict(saved["data"][info.rank])
-        set_rng_state(saved["rng"][info.rank])
-        state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], train_time=saved["train_time"])
+    state = restore(saved, optimizer, wd_scheduler, train_batches, info) if saved else TrainState()
+    if saved:
         log0(info, f"resuming from update {state.step} of {total_steps}")
 
     eval_batches, exhausted = data.build_eval_batches(
@@ -161,33 +165,39 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     if exhausted:
         log0(info, f"note: the validation split has fewer than --target_eval_tokens {config.target_eval_tokens:,} "
                    f"tokens; every evaluation uses all of it")
-
     probes = ([ScalingDiagnostics.from_eval_batches(config.diagnostics_every, eval_batches, info.device)]
               if config.diagnostics_every else [])
     model = raw_model
     if info.distributed:
         model = DistributedDataParallel(raw_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                                         broadcast_buffers=False)
-    run_info = {**config.to_dict(), **provenance(), "world_size": info.world_size, "device": str(info.device),
-                "total_params_M": count_parameters(raw_model) / 1e6, "gradient_accumulation": inputs.grad_accum,
-                "wd_method": config.wd_method(), "updates": total_steps}
-    if info.is_main:
-        config_lib.save(config, os.path.join(run_dir, "config.json"))
-    logger = MetricsLogger(run_dir, enabled=info.is_main, project=config.wandb_project, name=config.wandb_name,
-                           mode=config.wandb_mode, config=run_info, resume_step=state.step,
-                           wandb_id=resume[1].get("wandb_id") if resume else None,
-                           tags=config.tags.split(",") if config.tags else None)
-    log0(info, f"{config.table()}\n\n{describe(optimizer.param_groups)}\n\n"
-               f"model {count_parameters(raw_model) / 1e6:.2f}M parameters, {dtype}{' + bf16 autocast' if use_autocast else ''}"
-               f" on {info.device} x {info.world_size}; weight decay: {config.wd_method()}; "
-               f"{total_steps} updates of {config.total_batch_size} x {config.max_length} tokens "
-               f"(accumulation {inputs.grad_accum}); run directory {run_dir}")
-    if config.use_modulewise_wd and not config.alpha_positively_with_WD:
-        log0(info, "note: --use_modulewise_wd without --alpha_positively_with_WD measures and logs the module-wise "
-                   "metrics but keeps every decay at its base value (add --alpha_positively_with_WD to apply them)")
+    logger = start_logging(config, info, run_dir, raw_model, optimizer, inputs, state.step, saved)
     autocast = (torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast
                 else contextlib.nullcontext())
+    log0(info, f"model {count_parameters(raw_model) / 1e6:.2f}M parameters, {dtype}"
+               f"{' + bf16 autocast' if use_autocast else ''} on {info.device} x {info.world_size}; weight decay: "
+               f"{config.wd_method()}; {total_steps} updates of {config.total_batch_size} x {config.max_length} tokens "
+               f"(accumulation {inputs.grad_accum}); run directory {run_dir}")
     return Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
                    wd_scheduler=wd_scheduler, train_batches=train_batches, eval_batches=eval_batches, logger=logger,
                    run_dir=run_dir, total_steps=total_steps, grad_accum=inputs.grad_accum, autocast=autocast,
                    state=state, probes=probes)
+
+
+def start_logging(config: TrainConfig, info: dist.DistInfo, run_dir: str, model, optimizer, inputs: Inputs,
+                  step: int, saved: dict | None) -> MetricsLogger:
+    """Save the config, start metrics.jsonl and wandb (rank 0), and print the run's description."""
+    run_info = {**config.to_dict(), **provenance(), "world_size": info.world_size, "device": str(info.device),
+                "total_params_M": count_parameters(model) / 1e6, "gradient_accumulation": inputs.grad_accum,
+                "wd_method": config.wd_method(), "updates": config.train_steps()}
+    if info.is_main:
+        config_lib.save(config, os.path.join(run_dir, "config.json"))
+    logger = MetricsLogger(run_dir, enabled=info.is_main, project=config.wandb_project, name=config.wandb_name,
+                           mode=config.wandb_mode, config=run_info, resume_step=step,
+                           wandb_id=saved.get("wandb_id") if saved else None,
+                           tags=config.tags.split(",") if config.tags else None)
+    log0(info, f"{config.table()}\n\n{describe(optimizer.param_groups)}\n")
+    if config.use_modulewise_wd and not config.alpha_positively_with_WD:
+        log0(info, "note: --use_modulewise_wd without --alpha_positively_with_WD measures and logs the module-wise "
+                   "metrics but keeps every decay at its base value (add --alpha_positively_with_WD to apply them)")
+    return logger
