@@ -125,7 +125,8 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, tokenizer_name: str, model_
     (100 `<extra_id_*>` sentinels) against the paper's 32,000-row embedding, and we tokenise with
     `split_special_tokens=True`, so a literal sentinel in the text is split into ordinary pieces.
     """
-    special = set(tokenizer.all_special_ids) - {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id}
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    special -= {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id}
     reachable = [i for i in tokenizer.get_vocab().values() if i not in special]
     reachable += [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None]
     largest = max(reachable)

@@ -153,6 +153,15 @@ def test_eval_subset_is_fixed_and_bounded(tokenizer):
     assert tokens >= 2000 and tokens - last < 2000  # stops at the first batch that reaches the target
 
 
+def test_special_tokens_added_beyond_the_vocabulary_by_add_tokens_are_allowed_too():
+    tok = data.load_tokenizer(TOKENIZER, 64)
+    tok.add_tokens([f"<extra_id_{i}>" for i in range(2)], special_tokens=True)
+    data.check_tokenizer_fits(tok, 8000, "t5-like", "configs/llama_1m.json")
+    tok.add_tokens(["notspecial"])  # an ordinary added token can appear in text: it must fit
+    with pytest.raises(UserError, match="produces token ids up to 8002"):
+        data.check_tokenizer_fits(tok, 8000, "t5-like", "configs/llama_1m.json")
+
+
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:{port}"}])
 def test_unreachable_hub_fails_fast_naming_local_alternatives(monkeypatch, env):
     for key, value in env.items():
