@@ -23,7 +23,7 @@ from alphadecay.assign import assign
 from alphadecay.config import ASSIGN_FUNCS, PL_FITTINGS, _str2bool
 from alphadecay.errors import UserError
 from alphadecay.modulewise import SPECTRAL_METRICS, tuned_modules
-from alphadecay.param_groups import LINEAR_KINDS, linear_modules
+from alphadecay.param_groups import LINEAR_KINDS, layer_index, linear_modules
 
 
 def load_model(path: str) -> torch.nn.Module:
@@ -47,7 +47,7 @@ def report(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
                                filter_zeros=args.filter_zeros)
     tuned = tuned_modules(model, remove_first=args.remove_first_layer, remove_last=args.remove_last_layer,
                           exclude=args.wd_exclude, min_eigs=esd.EIGS_THRESH)
-    blocks = [n.split(".layers.")[1].split(".")[0] if ".layers." in n else n for n in tuned]
+    blocks = [layer_index(n) if layer_index(n) is not None else n for n in tuned]  # as ModulewiseDecay groups them
     scores = [stats[n][args.esd_metric_for_tb] for n in tuned]
     multipliers = dict(zip(tuned, assign(args.assign_func, scores, blocks=blocks, min_ratio=args.wd_min_ratio,
                                          max_ratio=args.wd_max_ratio)))

@@ -27,7 +27,8 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def _layer_index(name: str) -> int | None:
+def layer_index(name: str) -> int | None:
+    """The transformer block a module belongs to (`model.layers.<i>.`), or None (embedding, norm, head)."""
     match = re.search(r"\.layers\.(\d+)\.", name)
     return int(match.group(1)) if match else None
 
@@ -49,7 +50,7 @@ def build_param_groups(model: nn.Module, *, weight_decay: float, decay_norms: bo
     for name, module in linear_modules(model):
         kind = LINEAR_KINDS.get(name.rsplit(".", 1)[-1], "linear")
         add(name, kind, [module.weight] + ([module.bias] if module.bias is not None else []), weight_decay,
-            _layer_index(name))
+            layer_index(name))
     embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     add("embeddings", "embedding", embeddings, weight_decay if decay_embeddings else 0.0)
     norms = [p for n, p in model.named_parameters() if id(p) not in owner and re.search(r"norm", n)]
