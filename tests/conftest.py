@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from alphadecay.metrics import read_metrics  # noqa: F401 - re-exported for the tests
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = str(REPO / "data" / "c4_sample")
@@ -69,11 +70,6 @@ def run_subprocess(args: list[str], *, launcher: list[str] | None = None, env: d
     command = (launcher or [sys.executable]) + [str(REPO / "torchrun_main.py")] + args
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
-def read_metrics(run_dir) -> list[dict]:
-    with open(Path(run_dir) / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def by_step(metrics: list[dict], key: str) -> dict[int, float]:
