@@ -254,7 +254,6 @@ class TokenBatches:
     def __init__(self, documents: DocumentStream, tokenizer, spec: RowSpec, batch_size: int):
         self.documents, self.tokenizer, self.spec, self.batch_size = documents, tokenizer, spec, batch_size
         self._carry: list[int] = []  # packing: tokens of the next row(s)
-        self.epochs_done = 0
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
         docs = iter(self.documents)

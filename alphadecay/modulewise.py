@@ -87,9 +87,9 @@ class ModulewiseDecay:
 
     # -- scores ----------------------------------------------------------------------------------------------
     def gradient_norms(self, model: nn.Module, initial: bool) -> np.ndarray:
-        modules = dict(linear_modules(model))
         if initial:
             return np.full(len(self.modules), GRADNORM_AT_INIT)
+        modules = dict(linear_modules(model))
         grads = [modules[n].weight.grad for n in self.modules]
         present = [g for g in grads if g is not None]
         norms = iter(torch.stack(torch._foreach_norm(present)).double().cpu().tolist()) if present else iter(())
