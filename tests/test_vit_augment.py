@@ -49,7 +49,8 @@ def test_parse_official_string_and_timm_defaults():
 
 @pytest.mark.parametrize("config, message", [
     ("v0", "only RandAugment"), ("augmix-m5", "only RandAugment"), ("rand-w0", "weighted"),
-    ("rand-x3", "unknown section 'x3'"), ("rand-m", "cannot read a number from section 'm'"), ("rand-m9.5", "cannot read"),
+    ("rand-x3", "unknown section 'x3'"), ("rand-m", "cannot read a number from section 'm'"),
+    ("rand-m9.5", "cannot read"),
     ("rand-m11", "magnitude must be in 0..10")])
 def test_parse_rejects_what_is_not_supported(config, message):
     with pytest.raises(UserError, match=message) as err:

@@ -38,7 +38,8 @@ def test_tuned_module_order_is_patch_conv_first_and_head_last():
     model = build_vit("vit_deit_tiny_patch16_224")
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert names[0] == "patch_embed.proj" and names[-1] == "head"
-    assert names[1:-1] == [f"blocks.{i}.{s}" for i in range(12) for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    per_block = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    assert names[1:-1] == [f"blocks.{i}.{s}" for i in range(12) for s in per_block]  # the 48 tuned modules
 
 
 def test_cpu_model_is_a_few_hundred_thousand_parameters():

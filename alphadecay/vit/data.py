@@ -43,7 +43,7 @@ LAYOUT_HINT = ("expected the ImageNet layout: DIR/train/<class>/<image> and DIR/
                "folder names in both, images ending in " + " ".join(IMG_EXTENSIONS))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity (it holds an array)
 class ImageFolder:
     """One split: `paths[i]` is sample i, `targets[i]` its class index into `classes`."""
 
@@ -133,10 +133,14 @@ def find_unreadable(folder: ImageFolder, indices: Iterable[int] | None = None, *
     """'path (reason)' for every image among `indices` (default all) that PIL cannot open; `decode` also decodes
     the pixels (slower; catches truncated data). Threads, since this is file I/O. Ranks can split the work
     (`indices=range(rank, len(folder), world_size)`) and gather the lists."""
-    chosen = range(len(folder)) if indices is None else indices
+    chosen = list(range(len(folder))) if indices is None else [int(i) for i in indices]
+    chunks = [chosen[i:i + 512] for i in range(0, len(chosen), 512)]  # a few thousand tasks even for ImageNet
+
+    def check(chunk: list[int]) -> list[str]:
+        return [m for m in (_unreadable(folder.paths[i], decode) for i in chunk) if m is not None]
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        found = pool.map(lambda i: _unreadable(folder.paths[i], decode), chosen, chunksize=256)
-        return [message for message in found if message is not None]
+        return [message for found in pool.map(check, chunks) for message in found]
 
 
 def unreadable_error(messages: Sequence[str], data_path: str) -> UserError:
