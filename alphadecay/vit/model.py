@@ -56,9 +56,11 @@ ARCHS: dict[str, ViTArch] = {
     "vit_deit_tiny_patch16_224": ViTArch(
         img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
         about="DeiT-tiny, 5.7M parameters at 1000 classes: the paper's ViT-tiny (timm 0.4.5 name)"),
+    # Chosen on the shipped digits (2 CPU cores, batch 64, Adam 3e-3, no augmentation): depth 4 reached 37% val
+    # top-1 after 250 steps where depth 6 reached 26%, and a forward + backward costs about 60% of depth 6's.
     "vit_tiny_patch4_32": ViTArch(
-        img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.0,
-        about="a CPU-sized ViT for 32 px images (about 0.3M parameters): demos and tests"),
+        img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0,
+        about="a CPU-sized ViT for 32 px images (0.2M parameters): demos and tests"),
 }
 ALIASES: dict[str, str] = {"deit_tiny_patch16_224": "vit_deit_tiny_patch16_224"}  # current timm's name
 
