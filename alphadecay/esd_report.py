@@ -2,14 +2,16 @@
 
 PATH is a `save_pretrained` directory (config.json + weights), one of our checkpoints (`model_<step>`), a
 run directory (its latest checkpoint), or a LLaMA config JSON such as configs/llama_60m.json (the model as
-initialised with --seed, i.e. what AlphaDecay's pass at update 0 sees). One row per Linear module in module order: shape, alpha, KS distance D,
-spectral norm sigma_max (the true one, sqrt of the largest eigenvalue of WᵀW), stable rank, and the weight decay
-AlphaDecay would give it for --weight_decay/--wd_min_ratio/--wd_max_ratio and the fit and exclusion flags
-(blank for modules it leaves at the base decay). `--json FILE` writes
+initialised with --seed, i.e. what AlphaDecay's pass at update 0 sees). One row per Linear module in module
+order: shape, alpha, KS distance D, spectral norm sigma_max (the true one, sqrt of the largest eigenvalue of
+WᵀW), stable rank, and the weight decay AlphaDecay would give it for --weight_decay/--wd_min_ratio/--wd_max_ratio
+and the fit and exclusion flags (blank for modules it leaves at the base decay); then the mean alpha of the
+attention and the MLP matrices and the spread of the assigned decays. `--json FILE` writes
 {"modules": [{"name", "shape", "alpha", "D", "sigma_max", "stable_rank", "weight_decay"}, ...]}.
 `--esd_estimator farms` fits alpha on FARMS' fixed-aspect-ratio submatrices (alphadecay/esd.py). `--plot DIR`
 draws each module's log-log ESD with its fitted power law (`esd_<module>.png`, `esd_farms_<module>.png` for
-FARMS) and one overview of alpha and the assigned decay per module (`alpha_and_decay_by_module[_farms].png`).
+FARMS; `--plot_modules REGEX` limits them) and one overview of alpha and the assigned decay per module
+(`alpha_and_decay_by_module[_farms].png`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 import torch
@@ -106,6 +109,8 @@ def plot(model: torch.nn.Module, rows: list[dict], args: argparse.Namespace) -> 
     tag = "_farms" if is_farms else ""
     written = []
     for row, eigs in zip(rows, spectra):
+        if args.plot_modules is not None and not re.search(args.plot_modules, row["name"]):
+            continue
         xmin, n_tail = esd.fitted_xmin(eigs, row["alpha"])
         fig = plots.esd_figure(row["name"], eigs.cpu().numpy(), alpha=row["alpha"], d=row["D"], xmin=xmin,
                                n_tail=n_tail, fit=args.pl_fitting, estimator=args.esd_estimator)
@@ -156,6 +161,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wd_exclude", nargs="*", default=[], help="regular expressions of modules not tuned")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--plot", metavar="DIR", help="write the ESD and overview figures (PNG) to this directory")
+    parser.add_argument("--plot_modules", metavar="REGEX",
+                        help="draw the ESD figures only of the modules whose name matches (the overview has all)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed when PATH is a model config JSON")
     return parser.parse_args(argv)
 
@@ -165,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.farms_window < 1 or args.farms_windows_per_dim < 1 or not args.farms_aspect_ratio >= 1:
             raise UserError("--farms_window and --farms_windows_per_dim must be >= 1 and --farms_aspect_ratio >= 1.")
+        if args.plot_modules is not None:
+            try:
+                re.compile(args.plot_modules)
+            except re.error as err:
+                raise UserError(f"--plot_modules {args.plot_modules!r} is not a valid regular expression: {err}.")
         model = load_model(args.path, seed=args.seed)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -198,8 +198,11 @@ def test_esd_figure_draws_the_fitted_power_law():
 
 def test_esd_plot_of_an_initial_model_with_farms(tmp_path, capsys):
     out = tmp_path / "esd"
-    assert esd_main([TINY_CONFIG, "--esd_estimator", "farms", "--plot", str(out), "--json", str(tmp_path / "f.json")]) == 0
-    assert is_png(out / "alpha_and_decay_by_module_farms.png") and is_png(out / "esd_farms_lm_head.png")
+    assert esd_main([TINY_CONFIG, "--esd_estimator", "farms", "--plot", str(out), "--plot_modules", "head|1.mlp.up",
+                     "--json", str(tmp_path / "f.json")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["alpha_and_decay_by_module_farms.png", "esd_farms_lm_head.png",
+                                                     "esd_farms_model.layers.1.mlp.up_proj.png"]
+    assert all(is_png(p) for p in out.iterdir())
     farms = json.loads((tmp_path / "f.json").read_text())["modules"]
     assert esd_main([TINY_CONFIG, "--json", str(tmp_path / "full.json")]) == 0
     full = json.loads((tmp_path / "full.json").read_text())["modules"]
