@@ -72,26 +72,33 @@ def esd_figure(name: str, eigs: np.ndarray, *, alpha: float, d: float, xmin: flo
                estimator: str = "full", bins: int | None = None):
     """Log-log ESD of one module: histogram density of the eigenvalues on log-spaced bins, and the fitted power
     law p(λ) = (n_tail/N)·(α−1)/xmin·(λ/xmin)^(−α) from xmin on (a line of slope −α: the tail's share of the
-    density, so that it lies on the histogram)."""
+    density, so that it lies on the histogram).
+
+    The smallest 1% of the eigenvalues are left out of the picture (not of the density's normalisation): square
+    matrices, FARMS' square windows included, have eigenvalues down to ~1e-8·λ_max whose few sparse bins would
+    otherwise stretch the axes over decades that carry no information about the tail."""
     plt = _pyplot()
-    eigs = np.asarray(eigs, dtype=np.float64)
+    eigs = np.sort(np.asarray(eigs, dtype=np.float64))
     positive = eigs[eigs > 0]
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    if len(positive) >= 2 and positive[-1] > positive[0]:
-        bins = bins or int(np.clip(2 * np.sqrt(len(positive)), 10, 80))
-        edges = np.logspace(np.log10(positive[0]), np.log10(positive[-1]), bins + 1)
-        density, _ = np.histogram(positive, bins=edges)
+    low = np.quantile(positive, 0.01) if len(positive) >= 200 else (positive[0] if len(positive) else 0.0)
+    if len(positive) >= 2 and positive[-1] > low:
+        shown = positive[positive >= low]
+        bins = bins or int(np.clip(2 * np.sqrt(len(shown)), 10, 80))
+        edges = np.logspace(np.log10(low), np.log10(positive[-1]), bins + 1)
+        density, _ = np.histogram(shown, bins=edges)
         density = density / (len(eigs) * np.diff(edges))
+        hidden = f"; smallest {len(eigs) - len(shown)} not shown" if len(shown) < len(eigs) else ""
         ax.stairs(np.where(density > 0, density, np.nan), edges, fill=True, color=KIND_COLORS[module_kind(name)],
-                  alpha=0.55, label=f"ESD ({len(eigs)} eigenvalues)")
+                  alpha=0.55, label=f"ESD ({len(eigs)} eigenvalues{hidden})")
     if math.isfinite(alpha) and math.isfinite(xmin) and xmin > 0 and len(positive):
         grid = np.logspace(np.log10(xmin), np.log10(positive[-1]), 50)
         line = n_tail / len(eigs) * (alpha - 1) / xmin * (grid / xmin) ** (-alpha)
         ax.plot(grid, line, color="black", lw=1.6, label=f"power law, slope −{alpha:.2f}")
         ax.axvline(xmin, color="black", ls=":", lw=1, label=f"xmin (tail: {n_tail} values)")
     ax.set(xscale="log", yscale="log", xlabel="eigenvalue λ of WᵀW", ylabel="density")
-    shown = "FARMS submatrices, pooled" if estimator == "farms" else "whole matrix"
-    ax.set_title(f"{name}\nalpha {alpha:.3f}   D {d:.3f}   xmin {xmin:.3g}   ({fit} fit, {shown})", fontsize=9)
+    source = "FARMS windows" if estimator == "farms" else "whole matrix"
+    ax.set_title(f"{name} ({source})\nalpha {alpha:.3f}   D {d:.3f}   xmin {xmin:.3g}   ({fit} fit)", fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.25, which="both", lw=0.5)
     fig.tight_layout()
