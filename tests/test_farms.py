@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
 
 from alphadecay import esd
 from alphadecay.config import parse_args
@@ -13,7 +16,7 @@ from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
 from alphadecay.modulewise import ModulewiseDecay
 from alphadecay.param_groups import build_param_groups
-from tests.conftest import TINY_CONFIG, train_args
+from tests.conftest import TINY_CONFIG, free_port, train_args
 from tests.test_esd import exact_eigs, gen, with_spectrum
 
 
@@ -191,3 +194,29 @@ def test_the_config_flags_reach_the_module_wise_pass(tmp_path):
             parse_args(train_args(tmp_path, **{flag: value}))
     with pytest.raises(UserError, match="esd_estimator"):
         parse_args(train_args(tmp_path, esd_estimator="sliding"))
+
+
+def _sharded_farms_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.save(esd.module_metrics(sharded_weights(), estimator="farms", farms=esd.FarmsSampling(40, 1.0, 3)),
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def sharded_weights() -> list[tuple[str, torch.Tensor]]:
+    return [(f"m{i}", torch.randn(n, m, generator=gen(60 + i)) * 0.02)
+            for i, (n, m) in enumerate([(64, 64), (176, 64), (64, 176), (200, 96), (96, 96)])]
+
+
+def test_two_gloo_ranks_share_the_farms_pass(tmp_path):
+    """The modules are shared out by their FARMS cost; every rank ends with the one-process result."""
+    mp.spawn(_sharded_farms_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    single = esd.module_metrics(sharded_weights(), estimator="farms", farms=esd.FarmsSampling(40, 1.0, 3))
+    assert rank0 == rank1 and list(rank0) == list(single)
+    for name in single:
+        assert all(rank0[name][k] == pytest.approx(single[name][k], rel=1e-6) for k in esd.METRIC_KEYS), name
