@@ -71,8 +71,8 @@ def save(fig, path: str) -> str:
 def esd_figure(name: str, eigs: np.ndarray, *, alpha: float, d: float, xmin: float, n_tail: int, fit: str,
                estimator: str = "full", bins: int | None = None):
     """Log-log ESD of one module: histogram density of the eigenvalues on log-spaced bins, and the fitted power
-    law p(λ) = (n_tail/N)·(α−1)/xmin·(λ/xmin)^(−α) from xmin on (a line of slope −α: the tail's share of the
-    density, so that it lies on the histogram).
+    law p(λ) = (n_tail/N)·(α−1)/xmin·(λ/xmin)^(−α) from xmin on (a line of slope −α: the tail's share of
+    the density, so that it lies on the histogram).
 
     The smallest 1% of the eigenvalues are left out of the picture (not of the density's normalisation): square
     matrices, FARMS' square windows included, have eigenvalues down to ~1e-8·λ_max whose few sparse bins would
@@ -357,8 +357,8 @@ def run_figures(run: Run, out: str) -> list[str]:
                                        colorbar=decay_label, cmap="magma"),
                         os.path.join(out, f"{run.name}_{suffix}_heatmap.png")))
     panels.append((multipliers, "mean " + decay_label))
-    written.append(save(type_means_figure(decay_steps, decay_names, panels, title=f"{run.label}: means per module type"),
-                        os.path.join(out, f"{run.name}_type_means.png")))
+    means = type_means_figure(decay_steps, decay_names, panels, title=f"{run.label}: means per module type")
+    written.append(save(means, os.path.join(out, f"{run.name}_type_means.png")))
     return written
 
 

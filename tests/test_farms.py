@@ -20,7 +20,8 @@ from tests.conftest import TINY_CONFIG, free_port, train_args
 from tests.test_esd import exact_eigs, gen, with_spectrum
 
 
-def authors_windows(rows: int, cols: int, num_row_samples: int, q_ratio: float, ops: int) -> list[tuple[int, int, int, int]]:
+def authors_windows(rows: int, cols: int, num_row_samples: int, q_ratio: float,
+                    ops: int) -> list[tuple[int, int, int, int]]:
     """(row0, col0, n_rows, n_cols) of each window, transcribed from the authors' `fixed_sampling`
     (HUST-AI-HYZ/FARMS, LLM_Pruning/lib/sampling.py), on the (out, in) weight."""
     num_row_samples = min(num_row_samples, min(rows, cols))

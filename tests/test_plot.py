@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -51,16 +52,31 @@ def write_run(path, *, method: str = "alphadecay", weight_decay: float = 0.1, se
             event["alpha_Q"] = 2.0
         lines.append(json.dumps(event))
         if step in (5, 10):
-            lines.append(json.dumps({"step": step, "eval_loss": 7.0 - 0.1 * step, "eval_ppl": float(np.exp(7.0 - 0.1 * step))}))
+            loss = 7.0 - 0.1 * step
+            lines.append(json.dumps({"step": step, "eval_loss": loss, "eval_ppl": float(np.exp(loss))}))
     text = "\n".join(lines) + "\n"
     if partial_tail:
         text += '{"step": 11, "loss": 4.9, "lr": 0.00'
     (path / "metrics.jsonl").write_text(text)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alphadecay.plot", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """`python -m alphadecay.plot ARGS` in this process (the entry point itself is tested once, by subprocess)."""
+    def run(*args) -> Done:
+        capsys.readouterr()
+        code = plot.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return Done(code, out, err)
+
+    return run
 
 
 # -- reading a run -------------------------------------------------------------------------------------------------
@@ -100,7 +116,7 @@ def test_labels_say_method_optimizer_and_decay(tmp_path):
 
 
 # -- the command line ----------------------------------------------------------------------------------------------
-def test_every_figure_from_a_metrics_file(tmp_path):
+def test_every_figure_from_a_metrics_file(tmp_path, run_cli):
     write_run(tmp_path / "alpha_run")
     write_run(tmp_path / "uniform_run", method="uniform", passes=False)
     out = tmp_path / "figs"
@@ -116,7 +132,7 @@ def test_every_figure_from_a_metrics_file(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_a_run_without_module_wise_pass_still_gets_its_curves(tmp_path):
+def test_a_run_without_module_wise_pass_still_gets_its_curves(tmp_path, run_cli):
     write_run(tmp_path / "awd", method="awd", passes=False, partial_tail=False)
     done = run_cli(tmp_path / "awd", "--out", tmp_path / "figs")
     assert done.returncode == 0 and "Traceback" not in done.stderr
@@ -124,14 +140,14 @@ def test_a_run_without_module_wise_pass_still_gets_its_curves(tmp_path):
     assert [p.name for p in (tmp_path / "figs").iterdir()] == ["loss_and_eval_ppl.png"]
 
 
-def test_adadecay_gets_the_heatmap_of_its_own_metric(tmp_path):
+def test_adadecay_gets_the_heatmap_of_its_own_metric(tmp_path, run_cli):
     write_run(tmp_path / "ada", method="adadecay", metric="gradnorm")
     out = tmp_path / "figs"
     assert run_cli(tmp_path / "ada", "--out", out).returncode == 0
     assert is_png(out / "ada_gradnorm_heatmap.png") and is_png(out / "ada_decay_multiplier_heatmap.png")
 
 
-def test_without_config_the_decay_is_plotted_unscaled(tmp_path):
+def test_without_config_the_decay_is_plotted_unscaled(tmp_path, run_cli):
     write_run(tmp_path / "bare")
     (tmp_path / "bare" / "config.json").unlink()
     out = tmp_path / "figs"
@@ -139,7 +155,7 @@ def test_without_config_the_decay_is_plotted_unscaled(tmp_path):
     assert is_png(out / "bare_decay_heatmap.png") and is_png(out / "bare_alpha_heatmap.png")
 
 
-def test_not_a_run_directory_is_a_clear_error(tmp_path):
+def test_not_a_run_directory_is_a_clear_error(tmp_path, run_cli):
     (tmp_path / "empty").mkdir()
     for path in (tmp_path / "empty", tmp_path / "missing"):
         done = run_cli(path, "--out", tmp_path / "figs")
@@ -149,6 +165,10 @@ def test_not_a_run_directory_is_a_clear_error(tmp_path):
     (tmp_path / "bad" / "metrics.jsonl").write_text("not json\n{}\n")
     done = run_cli(tmp_path / "bad", "--out", tmp_path / "figs")
     assert done.returncode == 2 and done.stderr.startswith("error:") and "Traceback" not in done.stderr
+    entry_point = subprocess.run([sys.executable, "-m", "alphadecay.plot", str(tmp_path / "empty"), "--out",
+                                  str(tmp_path / "figs")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert entry_point.returncode == 2 and entry_point.stderr.startswith("error:")
+    assert "Traceback" not in entry_point.stderr
 
 
 def test_a_real_run_and_the_same_run_while_still_going(short_alphadecay_run, tmp_path):
