@@ -93,8 +93,9 @@ def shape_summary(rows: list[dict], base_decay: float) -> str:
         mult = [r["weight_decay"] / base_decay for r in tuned]
         attn_m = mean([r["weight_decay"] / base_decay for r in tuned if kind(r) in ("q", "k", "v", "o")])
         mlp_m = mean([r["weight_decay"] / base_decay for r in tuned if kind(r) in ("gate", "up", "down")])
+        ratio = f" (MLP/attention {mlp_m / attn_m:.2f}x)" if attn_m > 0 else ""
         line += (f"\ndecay multipliers: min {min(mult):.3f}, max {max(mult):.3f}; mean attention {attn_m:.3f}, "
-                 f"mean MLP {mlp_m:.3f} (MLP/attention {mlp_m / attn_m:.2f}x)")
+                 f"mean MLP {mlp_m:.3f}{ratio}")
     return line
 
 
