@@ -30,6 +30,7 @@ ESD_METRICS = (
 )
 ASSIGN_FUNCS = ("tb_linear_map", "tb_sqrt", "tb_log2", "layerwise_sigmoid")
 PL_FITTINGS = ("median", "fix-finger", "goodness-of-fit")
+ESD_ESTIMATORS = ("full", "farms")  # alphadecay/esd.py
 SCALING_RULES = ("none", "fan2025", "mup_lr")  # alphadecay/scaling.py
 SCALING_HEADS = ("matrix", "vector")
 
@@ -94,6 +95,10 @@ class TrainConfig:
     wd_min_ratio: float = _f(0.666, "decay multiplier of the module with the smallest metric (tb_linear_map)", group="weight decay")
     wd_max_ratio: float = _f(3.0, "decay multiplier of the module with the largest metric (tb_linear_map)", group="weight decay")
     pl_fitting: str = _f("median", "power-law xmin choice for alpha", choices=PL_FITTINGS, group="weight decay")
+    esd_estimator: str = _f("full", "ESD that alpha is fitted on: full = the whole matrix (official); farms = the pooled ESD of fixed-aspect-ratio submatrices (FARMS, Hu et al. 2025), which removes the attention/MLP shape bias of alpha", choices=ESD_ESTIMATORS, group="weight decay")
+    farms_window: int = _f(2000, "FARMS: short side of each submatrix, capped to the matrix (the authors' LLaMA runs: 2000)", group="weight decay")
+    farms_aspect_ratio: float = _f(1.0, "FARMS: long side / short side of each submatrix, >= 1 (the authors' LLaMA runs: 1, square)", group="weight decay")
+    farms_windows_per_dim: int = _f(15, "FARMS: submatrix positions along each dimension (the authors' LLaMA runs: 15)", group="weight decay")
     xmin_pos: float = _f(2.0, "median fit: xmin is eigenvalue number int(N / xmin_pos) (2 = the median)", group="weight decay")
     filter_zeros: bool = _f(False, "drop eigenvalues <= 1e-5 before fitting", group="weight decay")
     remove_first_layer: bool = _f(True, "leave the first Linear in module order (layer-0 q_proj) at the base decay, as the official code", group="weight decay")
@@ -291,6 +296,10 @@ def validate(config: TrainConfig) -> None:
         raise UserError("--wd_min_ratio and --wd_max_ratio must be >= 0.")
     if config.xmin_pos <= 1:
         raise UserError(f"--xmin_pos must be > 1 (2 = median xmin), got {config.xmin_pos}.")
+    if config.farms_window < 1 or config.farms_windows_per_dim < 1 or not config.farms_aspect_ratio >= 1:
+        raise UserError(f"--farms_window and --farms_windows_per_dim must be >= 1 and --farms_aspect_ratio >= 1 "
+                        f"(1 = square submatrices); got {config.farms_window}, {config.farms_windows_per_dim}, "
+                        f"{config.farms_aspect_ratio}.")
     if config.wd_method() == "awd" and config.weight_decay <= 0:
         raise UserError("AWD sets lambda_awd = --awd_multiplier * --weight_decay; give --weight_decay > 0.")
     validate_scaling(config)

@@ -19,6 +19,9 @@ Deliberate differences (each documented where it happens): fits run in float64; 
 than the official's leftover value; the fix-finger lower bound is 0.95·p (the official compares log10(0.95·p)
 against linear eigenvalues, kept behind `official_fix_finger=True`); the fix-finger histogram ignores zero
 eigenvalues (the official one would receive log10(0) = -inf and fail).
+
+`estimator="farms"` (not in the official code) fits alpha on the pooled ESD of fixed-aspect-ratio submatrices
+instead of the whole matrix's: FARMS, Hu, Goel, Killiakov, Yang, ICML 2025, arXiv 2506.06280 (`farms_eigenvalues`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -43,6 +47,7 @@ FIT_CHUNK_BYTES = 64 * 2**20
 # weight of eigvalsh's N³ against the Gram's n·m·N in the sharding cost (time per unit measured single-threaded on
 # the 2-core CPU, 512² to 2048×768: 4.2-6.3; the (4/3)N³ of the tridiagonal reduction runs far below GEMM speed)
 EIGH_WEIGHT = 5.0
+ESD_ESTIMATORS = ("full", "farms")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,6 +160,100 @@ def _upper_gram(a: torch.Tensor, out: torch.Tensor, min_block: int = 128) -> Non
     half = n // 2
     torch.matmul(a[:, :half].mT, a, out=out[:half])
     _upper_gram(a[:, half:], out[half:, half:], min_block)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FARMS: the ESD of fixed-aspect-ratio submatrices
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FarmsSampling:
+    """How FARMS (Hu et al., ICML 2025, arXiv 2506.06280) cuts a weight matrix into submatrices.
+
+    Defaults are the authors' LLaMA-7B/13B pruning runs (HUST-AI-HYZ/FARMS @8e07c3f,
+    LLM_Pruning/scripts/llm_pruning_main.txt: num_row_samples 2000, Q_ratio 1, sampling_ops_per_dim 15):
+    square 2000×2000 windows, 15 window positions along each dimension. Their code's own function defaults
+    (100 rows, Q_ratio 2, 10 positions) are used by none of their published runs; their image-classification
+    runs use 100×100 windows and 9 positions.
+
+    window: the short side of each submatrix (the authors' num_row_samples), capped to what fits the matrix;
+    aspect_ratio: long side / short side of each submatrix, >= 1 (the authors' Q_ratio);
+    per_dim: window positions along each dimension (the authors' sampling_ops_per_dim).
+    """
+
+    window: int = 2000
+    aspect_ratio: float = 1.0
+    per_dim: int = 15
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.per_dim < 1 or not self.aspect_ratio >= 1:
+            raise ValueError(f"FARMS needs window >= 1, per_dim >= 1 and aspect_ratio >= 1; got {self}")
+
+
+def farms_windows(shape: Sequence[int], sampling: FarmsSampling) -> tuple[tuple[int, int], list[int], list[int]]:
+    """Submatrix size (long, short) and its offsets along the long and the short side of a matrix of `shape`.
+
+    Positions follow the authors' `fixed_sampling` (LLM_Pruning/lib/sampling.py): along a side of length n with
+    window size w, span = n − w, step = max(1, span // (per_dim − 1)), min(per_dim, span // step + 1) windows
+    starting at min(i·step, span). Two deliberate differences, both inert for the default square windows:
+    * the window is laid with its long side along the matrix's long side, and its short side is capped so that
+      the whole window fits (short = min(window, n_short, ⌊n_long / aspect_ratio⌋)); the authors' code takes
+      rows × (rows·Q) of the (out, in) weight, capping rows at min(out, in), and silently gets fewer columns
+      when in < rows·Q, i.e. a window of another aspect ratio;
+    * per_dim = 1 is one window at offset 0 (the authors' step formula divides by per_dim − 1).
+    With the default, a square matrix no larger than 2000 is its own single window, so FARMS equals the full ESD
+    there, and a 1376×512 MLP matrix gives 15 overlapping 512×512 windows.
+    """
+    n_long, n_short = max(shape), min(shape)
+    short = min(sampling.window, n_short, int(n_long / sampling.aspect_ratio))
+    long = int(short * sampling.aspect_ratio)
+    return (long, short), _window_offsets(n_long, long, sampling.per_dim), _window_offsets(n_short, short,
+                                                                                             sampling.per_dim)
+
+
+def _window_offsets(n: int, size: int, per_dim: int) -> list[int]:
+    span = n - size
+    if per_dim == 1 or span == 0:
+        return [0]
+    step = max(1, span // (per_dim - 1))
+    return [min(i * step, span) for i in range(min(per_dim, span // step + 1))]
+
+
+def farms_submatrices(w: torch.Tensor, sampling: FarmsSampling) -> list[torch.Tensor]:
+    """The FARMS windows of `w` as views (no copy), oriented long side first."""
+    (long, short), long_offsets, short_offsets = farms_windows(w.shape, sampling)
+    a = _oriented(w)
+    return [a[r:r + long, c:c + short] for r in long_offsets for c in short_offsets]
+
+
+def farms_eigenvalues(weights: Sequence[torch.Tensor], sampling: FarmsSampling = FarmsSampling(), *,
+                      gram_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Per weight, the eigenvalues of all its FARMS windows pooled: ascending float64, on the weight's device.
+
+    Every window of a weight has the same size, so the pooled sample's empirical density is the average of the
+    windows' densities: the "average ESD" FARMS fits (the authors concatenate and sort the windows' squared
+    singular values, sampling.py `fixed_sampling`). The windows of all weights are one list for `eigenvalues`,
+    which batches those of equal size (all the MLP windows of a model share one batched eigvalsh) with its fp32 /
+    fp64 rule; the authors call fp32 `svdvals` once per window.
+    """
+    windows, owner = [], []
+    for i, w in enumerate(weights):
+        parts = farms_submatrices(w.detach(), sampling)
+        windows += parts
+        owner += [i] * len(parts)
+    eigs = eigenvalues(windows, gram_dtype=gram_dtype)
+    pooled: list[list[torch.Tensor]] = [[] for _ in weights]
+    for i, e in zip(owner, eigs):
+        pooled[i].append(e)
+    return [torch.sort(torch.cat(parts)).values for parts in pooled]
+
+
+def reference_farms_eigenvalues(w: torch.Tensor, sampling: FarmsSampling = FarmsSampling()) -> torch.Tensor:
+    """The authors' per-window loop (`fixed_sampling`): fp32 svdvals² of each window, concatenated and sorted.
+    A test oracle for `farms_eigenvalues`; window positions from `farms_windows`."""
+    (long, short), long_offsets, short_offsets = farms_windows(w.shape, sampling)
+    a = _oriented(w.detach().to(torch.float32))
+    parts = [torch.linalg.svdvals(a[r:r + long, c:c + short]).square() for r in long_offsets for c in short_offsets]
+    return torch.sort(torch.cat(parts).to(torch.float64)).values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,6 +410,22 @@ def _best_candidate(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, max_chu
     return best_alpha.masked_fill(none_valid, math.nan), best_d.masked_fill(none_valid, math.nan)
 
 
+def fitted_xmin(eigs: torch.Tensor, alpha: float) -> tuple[float, int]:
+    """xmin and tail size of the fit that gave `alpha` on the ascending 1-D spectrum `eigs` (for plots).
+
+    `fit_power_law` returns α and D only; every fit method takes its α from the Hill formula at one candidate
+    index, so the candidate whose Hill α is closest to `alpha` is that index. (nan, 0) for a NaN alpha.
+    """
+    x = eigs.detach().to(torch.float64).cpu()[None]
+    if not math.isfinite(alpha) or x.shape[1] < 2:
+        return math.nan, 0
+    logs, suffix = _log_suffix_sums(x)
+    idx = torch.arange(x.shape[1] - 1)[None]
+    hill = _hill(logs, suffix, idx, (x.shape[1] - idx).to(x.dtype))[0]
+    i = int(torch.nan_to_num((hill - alpha).abs(), nan=math.inf).argmin())
+    return x[0, i].item(), x.shape[1] - i
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # side metrics
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,7 +465,8 @@ def alphahat(alpha: torch.Tensor, spectral_norm: torch.Tensor) -> torch.Tensor:
 def module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], *, need_eigs: bool = True,
                    fit: str = "median", xmin_pos: float = 2.0, filter_zeros: bool = False,
                    official_fix_finger: bool = False, eigs_thresh: int = EIGS_THRESH,
-                   process_group: dist.ProcessGroup | None = None) -> dict[str, dict[str, float]]:
+                   process_group: dist.ProcessGroup | None = None, estimator: str = "full",
+                   farms: FarmsSampling = FarmsSampling()) -> dict[str, dict[str, float]]:
     """{name: {alpha, alphahat, D, spectral_norm, fnorm, stable_rank, entropy, num_eigs}} as Python floats.
 
     The metrics of `net_esd_estimator` (WDU.py:197-310) for the given weights. alpha, alphahat and D are NaN where
@@ -365,7 +481,13 @@ def module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], *, need_ei
 
     need_eigs=False computes nothing spectral: each module gets only {"fnorm": ‖W‖_F², "num_eigs": min(n, m)},
     computed locally on every rank (replicas hold identical weights, so no communication).
+
+    estimator="farms" fits alpha and D (and so alphahat) on the pooled ESD of the `farms` windows
+    (`farms_eigenvalues`) instead of the whole matrix's; every other metric, num_eigs and the eigs_thresh test
+    still describe the whole matrix, so the set of fitted modules does not depend on the estimator.
     """
+    if estimator not in ESD_ESTIMATORS:
+        raise ValueError(f"unknown ESD estimator {estimator!r}; expected one of {ESD_ESTIMATORS}")
     names = [name for name, _ in named_weights]
     weights = [w.detach() for _, w in named_weights]
     if not need_eigs:
@@ -374,24 +496,30 @@ def module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], *, need_ei
     fit_kwargs = {"method": fit, "xmin_pos": xmin_pos, "filter_zeros": filter_zeros,
                   "official_fix_finger": official_fix_finger}
     rank, world = _rank_and_world(process_group)
-    owners = assign_owners([_cost(w) for w in weights], world)
+    farms_sampling = farms if estimator == "farms" else None
+    owners = assign_owners([_cost(w, farms_sampling) for w in weights], world)
     mine = [i for i, owner in enumerate(owners) if owner == rank]
-    rows = _metric_rows([weights[i] for i in mine], eigs_thresh, fit_kwargs)
+    rows = _metric_rows([weights[i] for i in mine], eigs_thresh, fit_kwargs, farms_sampling)
     if world > 1:
         rows = _gather_rows(rows, mine, owners, process_group)
     return {name: dict(zip(METRIC_KEYS, row)) for name, row in zip(names, rows.cpu().tolist())}
 
 
-def _metric_rows(weights: list[torch.Tensor], eigs_thresh: int, fit_kwargs: dict) -> torch.Tensor:
+def _metric_rows(weights: list[torch.Tensor], eigs_thresh: int, fit_kwargs: dict,
+                 farms: FarmsSampling | None = None) -> torch.Tensor:
     """(len(weights), len(METRIC_KEYS)) float64 rows; fits are batched over modules with the same N."""
     rows = torch.empty(len(weights), len(METRIC_KEYS), dtype=torch.float64)
     by_size: dict[int, list[int]] = defaultdict(list)
     all_eigs = eigenvalues(weights)
+    farms_fits = _batched_fits(farms_eigenvalues(weights, farms), fit_kwargs) if farms is not None else None
     for i, e in enumerate(all_eigs):
         by_size[len(e)].append(i)
     for size, idx in by_size.items():
         eigs = torch.stack([all_eigs[i] for i in idx])
-        alpha, d = fit_power_law(eigs, **fit_kwargs)
+        if farms_fits is None:
+            alpha, d = fit_power_law(eigs, **fit_kwargs)
+        else:
+            alpha, d = (f[idx].to(eigs.device) for f in farms_fits)
         if size < eigs_thresh:
             alpha, d = torch.full_like(alpha, math.nan), torch.full_like(d, math.nan)
         stats = spectral_metrics(eigs, alpha)
@@ -400,17 +528,35 @@ def _metric_rows(weights: list[torch.Tensor], eigs_thresh: int, fit_kwargs: dict
     return rows
 
 
+def _batched_fits(spectra: list[torch.Tensor], fit_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """α and D (two CPU float64 tensors) of 1-D spectra of any lengths, fitted in batches of equal length."""
+    alpha = torch.empty(len(spectra), dtype=torch.float64)
+    d = torch.empty_like(alpha)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, e in enumerate(spectra):
+        by_length[len(e)].append(i)
+    for idx in by_length.values():
+        a, dd = fit_power_law(torch.stack([spectra[i] for i in idx]), **fit_kwargs)
+        alpha[idx], d[idx] = a.cpu(), dd.cpu()
+    return alpha, d
+
+
 def _rank_and_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _cost(w: torch.Tensor) -> float:
-    """Relative time of one matrix: n·m·N for the Gram product plus EIGH_WEIGHT·N³ for eigvalsh, N = min(n, m)."""
+def _cost(w: torch.Tensor, farms: FarmsSampling | None = None) -> float:
+    """Relative time of one matrix: n·m·N for the Gram product plus EIGH_WEIGHT·N³ for eigvalsh, N = min(n, m);
+    with FARMS, plus the same for each window."""
     n, m = w.shape
     short = min(n, m)
-    return float(n * m * short + EIGH_WEIGHT * short**3)
+    cost = float(n * m * short + EIGH_WEIGHT * short**3)
+    if farms is not None:
+        (long, side), long_offsets, short_offsets = farms_windows(w.shape, farms)
+        cost += len(long_offsets) * len(short_offsets) * float(long * side * side + EIGH_WEIGHT * side**3)
+    return cost
 
 
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
@@ -441,10 +587,12 @@ def _gather_rows(rows: torch.Tensor, mine: list[int], owners: list[int],
 # ---------------------------------------------------------------------------------------------------------------
 def reference_module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], *, need_eigs: bool = True,
                              fit: str = "median", xmin_pos: float = 2.0, filter_zeros: bool = False,
-                             official_fix_finger: bool = False, eigs_thresh: int = EIGS_THRESH
+                             official_fix_finger: bool = False, eigs_thresh: int = EIGS_THRESH,
+                             estimator: str = "full", farms: FarmsSampling = FarmsSampling()
                              ) -> dict[str, dict[str, float]]:
     """The official pass, one module at a time: fp32 `svdvals`², sorted (WDU.py:218-224), the official Python-loop
-    fits (`reference_fit_power_law`) and scalar side metrics. Same output as `module_metrics`; serial, no sharing."""
+    fits (`reference_fit_power_law`) and scalar side metrics. Same output as `module_metrics`; serial, no sharing.
+    estimator="farms" fits the authors' per-window loop (`reference_farms_eigenvalues`) instead."""
     out = {}
     for name, w in named_weights:
         w32 = w.detach().to(torch.float32)
@@ -452,7 +600,8 @@ def reference_module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], 
             out[name] = {"fnorm": float(w32.double().square().sum()), "num_eigs": float(min(w.shape))}
             continue
         eigs = torch.sort(torch.linalg.svdvals(w32).square()).values
-        alpha, d = reference_fit_power_law(eigs, method=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
+        fitted = reference_farms_eigenvalues(w32, farms) if estimator == "farms" else eigs
+        alpha, d = reference_fit_power_law(fitted, method=fit, xmin_pos=xmin_pos, filter_zeros=filter_zeros,
                                            official_fix_finger=official_fix_finger)
         if len(eigs) < eigs_thresh:
             alpha = d = math.nan

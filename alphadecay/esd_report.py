@@ -1,11 +1,17 @@
 """`python -m alphadecay.esd PATH`: the spectral report of a saved model, and the decays AlphaDecay would assign.
 
-PATH is a `save_pretrained` directory (config.json + weights), one of our checkpoints (`model_<step>`), or a
-run directory (its latest checkpoint). One row per Linear module in module order: shape, alpha, KS distance D,
-spectral norm sigma_max (the true one, sqrt of the largest eigenvalue of WᵀW), stable rank, and the weight decay
-AlphaDecay would give it for --weight_decay/--wd_min_ratio/--wd_max_ratio and the fit and exclusion flags
-(blank for modules it leaves at the base decay). `--json FILE` writes
+PATH is a `save_pretrained` directory (config.json + weights), one of our checkpoints (`model_<step>`), a
+run directory (its latest checkpoint), or a LLaMA config JSON such as configs/llama_60m.json (the model as
+initialised with --seed, i.e. what AlphaDecay's pass at update 0 sees). One row per Linear module in module
+order: shape, alpha, KS distance D, spectral norm sigma_max (the true one, sqrt of the largest eigenvalue of
+WᵀW), stable rank, and the weight decay AlphaDecay would give it for --weight_decay/--wd_min_ratio/--wd_max_ratio
+and the fit and exclusion flags (blank for modules it leaves at the base decay); then the mean alpha of the
+attention and the MLP matrices and the spread of the assigned decays. `--json FILE` writes
 {"modules": [{"name", "shape", "alpha", "D", "sigma_max", "stable_rank", "weight_decay"}, ...]}.
+`--esd_estimator farms` fits alpha on FARMS' fixed-aspect-ratio submatrices (alphadecay/esd.py). `--plot DIR`
+draws each module's log-log ESD with its fitted power law (`esd_<module>.png`, `esd_farms_<module>.png` for
+FARMS; `--plot_modules REGEX` limits them) and one overview of alpha and the assigned decay per module
+(`alpha_and_decay_by_module[_farms].png`).
 """
 
 from __future__ import annotations
@@ -14,23 +20,28 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 import torch
 
 from alphadecay import esd
 from alphadecay.assign import assign
-from alphadecay.config import ASSIGN_FUNCS, PL_FITTINGS, _str2bool
+from alphadecay.config import ASSIGN_FUNCS, ESD_ESTIMATORS, PL_FITTINGS, _str2bool
 from alphadecay.errors import UserError
 from alphadecay.modulewise import SPECTRAL_METRICS, tuned_modules
 from alphadecay.param_groups import LINEAR_KINDS, layer_index, linear_modules
 
 
-def load_model(path: str) -> torch.nn.Module:
+def load_model(path: str, seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaForCausalLM
 
     from alphadecay.checkpoint import find_checkpoint
 
+    if path.endswith(".json") and os.path.isfile(path):  # a model config: the freshly initialised model
+        from alphadecay.model import build_model, load_model_config
+
+        return build_model(load_model_config(path), seed=seed)
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     if not any(os.path.isfile(os.path.join(path, w)) for w in weights):  # a run directory: its latest checkpoint
         path = find_checkpoint(path)
@@ -44,7 +55,7 @@ def report(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
     """One dict per Linear module: its spectrum's statistics and the decay AlphaDecay would assign."""
     linears = linear_modules(model)
     stats = esd.module_metrics([(n, m.weight) for n, m in linears], fit=args.pl_fitting, xmin_pos=args.xmin_pos,
-                               filter_zeros=args.filter_zeros)
+                               filter_zeros=args.filter_zeros, estimator=args.esd_estimator, farms=farms(args))
     tuned = tuned_modules(model, remove_first=args.remove_first_layer, remove_last=args.remove_last_layer,
                           exclude=args.wd_exclude, min_eigs=esd.EIGS_THRESH)
     blocks = [layer_index(n) if layer_index(n) is not None else n for n in tuned]  # as ModulewiseDecay groups them
@@ -58,6 +69,58 @@ def report(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
                      "sigma_max": math.sqrt(s["spectral_norm"]), "stable_rank": s["stable_rank"],
                      "weight_decay": args.weight_decay * multipliers[name] if name in multipliers else None})
     return rows
+
+
+def farms(args: argparse.Namespace) -> esd.FarmsSampling:
+    return esd.FarmsSampling(args.farms_window, args.farms_aspect_ratio, args.farms_windows_per_dim)
+
+
+def shape_summary(rows: list[dict], base_decay: float) -> str:
+    """The attention-vs-MLP split: mean alpha of q,k,v,o against gate,up,down matrices (all of them), and the
+    spread of the decay multipliers AlphaDecay assigns (tuned modules only)."""
+    def mean(values: list[float]) -> float:
+        finite = [v for v in values if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    def kind(r: dict) -> str:
+        return LINEAR_KINDS.get(r["name"].rsplit(".", 1)[-1], "linear")
+
+    attn = mean([r["alpha"] for r in rows if kind(r) in ("q", "k", "v", "o")])
+    mlp = mean([r["alpha"] for r in rows if kind(r) in ("gate", "up", "down")])
+    line = f"mean alpha: attention (q,k,v,o) {attn:.3f}, MLP (gate,up,down) {mlp:.3f}, gap {mlp - attn:+.3f}"
+    tuned = [r for r in rows if r["weight_decay"] is not None]
+    if tuned and base_decay > 0:
+        mult = [r["weight_decay"] / base_decay for r in tuned]
+        attn_m = mean([r["weight_decay"] / base_decay for r in tuned if kind(r) in ("q", "k", "v", "o")])
+        mlp_m = mean([r["weight_decay"] / base_decay for r in tuned if kind(r) in ("gate", "up", "down")])
+        ratio = f" (MLP/attention {mlp_m / attn_m:.2f}x)" if attn_m > 0 else ""
+        line += (f"\ndecay multipliers: min {min(mult):.3f}, max {max(mult):.3f}; mean attention {attn_m:.3f}, "
+                 f"mean MLP {mlp_m:.3f}{ratio}")
+    return line
+
+
+def plot(model: torch.nn.Module, rows: list[dict], args: argparse.Namespace) -> list[str]:
+    """The per-module ESD figures and the overview figure, written to args.plot; returns the paths."""
+    from alphadecay import plot as plots
+
+    os.makedirs(args.plot, exist_ok=True)
+    weights = [m.weight.detach() for _, m in linear_modules(model)]
+    is_farms = args.esd_estimator == "farms"
+    spectra = esd.farms_eigenvalues(weights, farms(args)) if is_farms else esd.eigenvalues(weights)
+    tag = "_farms" if is_farms else ""
+    written = []
+    for row, eigs in zip(rows, spectra):
+        if args.plot_modules is not None and not re.search(args.plot_modules, row["name"]):
+            continue
+        xmin, n_tail = esd.fitted_xmin(eigs, row["alpha"])
+        fig = plots.esd_figure(row["name"], eigs.cpu().numpy(), alpha=row["alpha"], d=row["D"], xmin=xmin,
+                               n_tail=n_tail, fit=args.pl_fitting, estimator=args.esd_estimator)
+        written.append(plots.save(fig, os.path.join(args.plot, f"esd{tag}_{row['name']}.png")))
+    title = (f"alpha per module ({args.pl_fitting} fit, {'FARMS' if is_farms else 'whole-matrix ESD'}) and the decay "
+             f"AlphaDecay assigns (ratios {args.wd_min_ratio:g}..{args.wd_max_ratio:g}); {args.path}")
+    fig = plots.overview_figure(rows, base_decay=args.weight_decay, title=title)
+    written.append(plots.save(fig, os.path.join(args.plot, f"alpha_and_decay_by_module{tag}.png")))
+    return written
 
 
 def format_table(rows: list[dict]) -> str:
@@ -87,19 +150,35 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--esd_metric_for_tb", default="alpha", choices=sorted(SPECTRAL_METRICS - {"gradnorm_d_weightnorm"}))
     parser.add_argument("--assign_func", default="tb_linear_map", choices=ASSIGN_FUNCS)
     parser.add_argument("--pl_fitting", default="median", choices=PL_FITTINGS)
+    parser.add_argument("--esd_estimator", default="full", choices=ESD_ESTIMATORS,
+                        help="full = the whole matrix's ESD (official); farms = FARMS' fixed-aspect-ratio submatrices")
+    parser.add_argument("--farms_window", type=int, default=2000, help="FARMS: short side of each submatrix")
+    parser.add_argument("--farms_aspect_ratio", type=float, default=1.0, help="FARMS: long / short side, >= 1")
+    parser.add_argument("--farms_windows_per_dim", type=int, default=15, help="FARMS: positions per dimension")
     parser.add_argument("--xmin_pos", type=float, default=2.0)
     parser.add_argument("--filter_zeros", nargs="?", const=True, default=False, type=_str2bool)
     parser.add_argument("--remove_first_layer", nargs="?", const=True, default=True, type=_str2bool)
     parser.add_argument("--remove_last_layer", nargs="?", const=True, default=True, type=_str2bool)
     parser.add_argument("--wd_exclude", nargs="*", default=[], help="regular expressions of modules not tuned")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--plot", metavar="DIR", help="write the ESD and overview figures (PNG) to this directory")
+    parser.add_argument("--plot_modules", metavar="REGEX",
+                        help="draw the ESD figures only of the modules whose name matches (the overview has all)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed when PATH is a model config JSON")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        model = load_model(args.path)
+        if args.farms_window < 1 or args.farms_windows_per_dim < 1 or not args.farms_aspect_ratio >= 1:
+            raise UserError("--farms_window and --farms_windows_per_dim must be >= 1 and --farms_aspect_ratio >= 1.")
+        if args.plot_modules is not None:
+            try:
+                re.compile(args.plot_modules)
+            except re.error as err:
+                raise UserError(f"--plot_modules {args.plot_modules!r} is not a valid regular expression: {err}.")
+        model = load_model(args.path, seed=args.seed)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -107,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = report(model, args)
     print(format_table(rows))
     print(type_means(rows))
+    print(shape_summary(rows, args.weight_decay))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"modules": rows}, fh, indent=1)
+    if args.plot:
+        with torch.no_grad():
+            written = plot(model, rows, args)
+        print(f"wrote {len(written)} figures to {args.plot}")
     return 0

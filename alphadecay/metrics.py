@@ -78,8 +78,20 @@ class MetricsLogger:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    """All events of a metrics.jsonl file (a run directory or the file itself)."""
+    """All events of a metrics.jsonl file (a run directory or the file itself).
+
+    A last line that is not valid JSON is skipped: a run that is still going (or was killed) may be in the middle
+    of writing it. An invalid line anywhere else raises json.JSONDecodeError.
+    """
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        lines = [line for line in fh if line.strip()]
+    events = []
+    for i, line in enumerate(lines):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return events

@@ -54,11 +54,13 @@ class ModulewiseDecay:
                  min_ratio: float, max_ratio: float, fit: str = "median", xmin_pos: float = 2.0,
                  filter_zeros: bool = False, official_fix_finger: bool = False, remove_first: bool = True,
                  remove_last: bool = True, exclude: list[str] | None = None, apply_mapping: bool = True,
-                 sigmoid_slope: float = 4.0, eigs_thresh: int = 50):
+                 sigmoid_slope: float = 4.0, eigs_thresh: int = 50, estimator: str = "full",
+                 farms: esd.FarmsSampling = esd.FarmsSampling()):
         self.metric, self.assign_func, self.every = metric, assign_func, every
         self.min_ratio, self.max_ratio, self.sigmoid_slope = min_ratio, max_ratio, sigmoid_slope
         self.fit_kwargs = {"fit": fit, "xmin_pos": xmin_pos, "filter_zeros": filter_zeros,
-                           "official_fix_finger": official_fix_finger, "eigs_thresh": eigs_thresh}
+                           "official_fix_finger": official_fix_finger, "eigs_thresh": eigs_thresh,
+                           "estimator": estimator, "farms": farms}
         self.apply_mapping = apply_mapping
         self.needs_eigs = metric in SPECTRAL_METRICS
         self.modules = tuned_modules(model, remove_first=remove_first, remove_last=remove_last, exclude=exclude or [],
@@ -80,7 +82,9 @@ class ModulewiseDecay:
                    fit=config.pl_fitting, xmin_pos=config.xmin_pos, filter_zeros=config.filter_zeros,
                    official_fix_finger=config.official_fix_finger, remove_first=config.remove_first_layer,
                    remove_last=config.remove_last_layer, exclude=config.wd_exclude,
-                   apply_mapping=config.alpha_positively_with_WD)
+                   apply_mapping=config.alpha_positively_with_WD, estimator=config.esd_estimator,
+                   farms=esd.FarmsSampling(config.farms_window, config.farms_aspect_ratio,
+                                           config.farms_windows_per_dim))
 
     def due(self, step: int) -> bool:
         return step == 0 or (step + 1) % self.every == 0

@@ -80,3 +80,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def short_alphadecay_run(tmp_path_factory):
+    """A finished 8-update AlphaDecay run of the 1.1M model with a module-wise pass every 2 updates (config.json,
+    metrics.jsonl, checkpoints model_4/ and model_8/), for the tests that read a real run directory."""
+    path = tmp_path_factory.mktemp("alphadecay_run") / "run"
+    assert run_main(train_args(path, wd_scheduler="alphadecay", unbalancedWD_every=2, lr=1e-2)) == 0
+    return path
