@@ -50,13 +50,17 @@ def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
     return accumulation
 
 
-def resolve_dtype(config: TrainConfig, device: torch.device) -> tuple[torch.dtype, bool]:
-    """(parameter dtype, bf16 autocast?) for --dtype."""
-    name = config.dtype
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, bool, str]:
+    """(parameter dtype, bf16 autocast?, resolved name) for --dtype.
+
+    auto is bfloat16 only on a GPU of compute capability 8.0 or newer (A100, H100, RTX 30xx/40xx): earlier GPUs
+    (V100, T4) run bf16 by emulation, which torch.cuda.is_bf16_supported() still reports as supported.
+    """
     if name == "auto":
-        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return {"bfloat16": (torch.bfloat16, False), "float32": (torch.float32, False),
-            "amp_bf16": (torch.float32, True)}[name]
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "float32"
+    dtype, autocast = {"bfloat16": (torch.bfloat16, False), "float32": (torch.float32, False),
+                       "amp_bf16": (torch.float32, True)}[name]
+    return dtype, autocast, name
 
 
 def resolve_run_dir(config: TrainConfig, info: dist.DistInfo, checkpoint: str | None) -> str:
@@ -134,7 +138,7 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would interleave with ours
     inputs = check_inputs(config, info)
     run_dir = resolve_run_dir(config, info, inputs.checkpoint)
-    dtype, use_autocast = resolve_dtype(config, info.device)
+    dtype, use_autocast, dtype_name = resolve_dtype(config.dtype, info.device)
     total_steps = config.train_steps()
 
     weights, saved = load_checkpoint(inputs.checkpoint) if inputs.checkpoint else (None, None)
