@@ -22,6 +22,7 @@ from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_stat
 from alphadecay.config import TrainConfig
 from alphadecay.diagnostics import ScalingDiagnostics
 from alphadecay.errors import UserError
+from alphadecay.evaluate import target_count
 from alphadecay.metrics import MetricsLogger
 from alphadecay.model import build_model, count_parameters, load_model_config
 from alphadecay.optim import build_optimizer
@@ -162,14 +163,14 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     if saved:
         log0(info, f"resuming from update {state.step} of {total_steps}")
 
-    eval_batches, exhausted = data.build_eval_batches(
-        inputs.eval_files, inputs.tokenizer, inputs.spec, batch_size=config.batch_size, rank=info.rank,
-        world_size=info.world_size, seed=config.data_seed, buffer_size=config.shuffle_buffer,
-        target_tokens=config.target_eval_tokens)
+    eval_rows, exhausted = data.build_eval_rows(inputs.eval_files, inputs.tokenizer, inputs.spec,
+                                                target_tokens=config.target_eval_tokens)
+    if not len(eval_rows):
+        raise UserError(f"--dataset {config.dataset}: the validation split holds no complete row to evaluate on.")
     if exhausted:
         log0(info, f"note: the validation split has fewer than --target_eval_tokens {config.target_eval_tokens:,} "
                    f"tokens; every evaluation uses all of it")
-    probes = ([ScalingDiagnostics.from_eval_batches(config.diagnostics_every, eval_batches, info.device)]
+    probes = ([ScalingDiagnostics.from_eval_rows(config.diagnostics_every, eval_rows, inputs.spec, info.device)]
               if config.diagnostics_every else [])
     model = raw_model
     if info.distributed:
@@ -181,9 +182,12 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     log0(info, f"model {count_parameters(raw_model) / 1e6:.2f}M parameters, {dtype}"
                f"{' + bf16 autocast' if use_autocast else ''} on {info.device} x {info.world_size}; weight decay: "
                f"{config.wd_method()}; {total_steps} updates of {config.total_batch_size} x {config.max_length} tokens "
-               f"(accumulation {inputs.grad_accum}); run directory {run_dir}")
+               f"(accumulation {inputs.grad_accum}); evaluation on {len(eval_rows):,} rows "
+               f"({target_count(eval_rows, inputs.spec):,} tokens), official estimator over batches of "
+               f"{config.official_eval_rows} rows; run directory {run_dir}")
     return Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
-                   wd_scheduler=wd_scheduler, train_batches=train_batches, eval_batches=eval_batches, logger=logger,
+                   wd_scheduler=wd_scheduler, train_batches=train_batches, eval_rows=eval_rows, row_spec=inputs.spec,
+                   logger=logger,
                    run_dir=run_dir, total_steps=total_steps, grad_accum=inputs.grad_accum, autocast=autocast,
                    state=state, probes=probes)
 
