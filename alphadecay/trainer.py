@@ -56,7 +56,12 @@ def target_count(labels: torch.Tensor) -> int:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the run saves a checkpoint after the current update and exits."""
+    """Set by SIGTERM/SIGINT; the run saves a checkpoint after the current update and exits.
+
+    SIGTERM stays handled until the checkpoint is written (`uninstall`): under SLURM the job step and torchrun
+    each send SIGTERM to a worker, milliseconds apart, and the second must not kill it mid-save. Only a second
+    SIGINT (Ctrl-C twice) acts at once, through the handler that was there before (KeyboardInterrupt).
+    """
 
     def __init__(self) -> None:
         self.raised = False
@@ -68,7 +73,8 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal acts at once
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
