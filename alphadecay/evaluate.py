@@ -167,6 +167,7 @@ def settings(args: argparse.Namespace, model_dir: str) -> dict:
 
 def evaluate_path(args: argparse.Namespace, info: dist.DistInfo) -> dict:
     from alphadecay.esd_report import load_model
+    from alphadecay.model import cast_model
     from alphadecay.run import resolve_dtype
 
     model_dir = resolve_model_dir(args.path)
@@ -177,7 +178,7 @@ def evaluate_path(args: argparse.Namespace, info: dist.DistInfo) -> dict:
     spec = data.RowSpec.from_tokenizer(tokenizer, flags["max_length"], flags["packing"])
     files = data.list_shards(flags["dataset"], flags["dataset_config"], "validation")
     dtype, use_autocast, dtype_name = resolve_dtype(flags["dtype"], info.device)
-    model.to(device=info.device, dtype=dtype)
+    cast_model(model, info.device, dtype)
     rows, exhausted = data.build_eval_rows(files, tokenizer, spec, target_tokens=flags["target_eval_tokens"])
     autocast = torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast else None
     result = evaluate_rows(model, rows, spec, info=info, batch_size=flags["batch_size"],

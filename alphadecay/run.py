@@ -25,7 +25,7 @@ from alphadecay.diagnostics import ScalingDiagnostics
 from alphadecay.errors import UserError
 from alphadecay.evaluate import target_count
 from alphadecay.metrics import MetricsLogger
-from alphadecay.model import build_model, count_parameters, load_model_config
+from alphadecay.model import build_model, cast_model, count_parameters, load_model_config
 from alphadecay.optim import build_optimizer, resolve_optimizer_impl
 from alphadecay.param_groups import build_param_groups, describe
 from alphadecay.scaling import apply_scaling_rule
@@ -155,7 +155,7 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     raw_model = build_model(inputs.model_config, seed=config.seed)
     if weights is not None:
         raw_model.load_state_dict(weights, strict=True)
-    raw_model.to(device=info.device, dtype=dtype)
+    cast_model(raw_model, info.device, dtype)
     if config.activation_checkpointing:
         raw_model.gradient_checkpointing_enable()
     param_groups = build_param_groups(raw_model, weight_decay=config.weight_decay, decay_norms=config.decay_norms,
