@@ -166,6 +166,8 @@ def settings(args: argparse.Namespace, model_dir: str) -> dict:
 
 
 def evaluate_path(args: argparse.Namespace, info: dist.DistInfo) -> dict:
+    from transformers.utils import logging as hf_logging
+
     from alphadecay.esd_report import load_model
     from alphadecay.model import cast_model
     from alphadecay.run import resolve_dtype
@@ -173,7 +175,13 @@ def evaluate_path(args: argparse.Namespace, info: dist.DistInfo) -> dict:
     model_dir = resolve_model_dir(args.path)
     flags = settings(args, model_dir)
     tokenizer = data.load_tokenizer(flags["tokenizer"], flags["max_length"])
-    model = load_model(model_dir)
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the official configs' pad_token_id -1 draws warnings on every load
+    try:
+        model = load_model(model_dir)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     data.check_tokenizer_fits(tokenizer, model.config.vocab_size, flags["tokenizer"], model_dir)
     spec = data.RowSpec.from_tokenizer(tokenizer, flags["max_length"], flags["packing"])
     files = data.list_shards(flags["dataset"], flags["dataset_config"], "validation")
