@@ -107,8 +107,8 @@ class Trainer:
         """A trainer that only runs `train_step` on batches it is given: no data, evaluation, logging or saving
         (for tests and benchmarks)."""
         return cls(config=config, info=info, model=model, raw_model=raw_model or model, optimizer=optimizer,
-                   wd_scheduler=wd_scheduler, train_batches=None, eval_rows=None, row_spec=None, logger=None, run_dir="",
-                   total_steps=0, grad_accum=1, autocast=contextlib.nullcontext(), state=TrainState())
+                   wd_scheduler=wd_scheduler, train_batches=None, eval_rows=None, row_spec=None, logger=None,
+                   run_dir="", total_steps=0, grad_accum=1, autocast=contextlib.nullcontext(), state=TrainState())
 
     # -- one update ------------------------------------------------------------------------------------------
     def train_step(self, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int, bool, dict]:

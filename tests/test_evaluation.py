@@ -1,4 +1,4 @@
-"""Evaluation: per-row losses, the official estimator, independence of the layout, and `python -m alphadecay.evaluate`."""
+"""Evaluation: per-row losses, the official estimator, independence of the layout, and the evaluation CLI."""
 
 import json
 import math
