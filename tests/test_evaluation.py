@@ -78,7 +78,8 @@ def test_the_same_model_gives_the_same_evaluation_on_one_and_two_ranks_and_any_b
         for key in ("eval_loss", "eval_loss_official"):
             assert result[key] == pytest.approx(expected[key], rel=1e-6), key
         assert result["eval_ppl_official"] == pytest.approx(math.exp(result["eval_loss_official"]), rel=1e-12)
-    assert expected["eval_loss_official"] < expected["eval_loss"] * 4 / 5 * 1.2  # the (batches + 1) divisor
+    # four batches: the (batches + 1) divisor biases the estimator low by about a fifth
+    assert expected["eval_loss_official"] == pytest.approx(expected["eval_loss"] * 4 / 5, rel=0.1)
     assert model.training  # evaluation leaves the mode as it found it
 
 
