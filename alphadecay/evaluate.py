@@ -32,9 +32,15 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import logging as hf_logging
 
 from alphadecay import data, dist
+from alphadecay.checkpoint import STATE_FILE, find_checkpoint
+from alphadecay.config import TrainConfig, _str2bool
 from alphadecay.data import IGNORE_INDEX
+from alphadecay.errors import UserError
+from alphadecay.esd_report import load_model
+from alphadecay.model import cast_model
 
 
 def row_loss_sums(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
@@ -101,8 +107,6 @@ DATA_FLAGS = ("dataset", "dataset_config", "tokenizer", "max_length", "packing",
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    from alphadecay.config import TrainConfig, _str2bool
-
     fields = TrainConfig.__dataclass_fields__
     parser = argparse.ArgumentParser(prog="python -m alphadecay.evaluate", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
@@ -126,9 +130,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_model_dir(path: str) -> str:
     """PATH itself when it holds model weights, else the latest checkpoint of the run directory PATH."""
-    from alphadecay.checkpoint import find_checkpoint
-    from alphadecay.errors import UserError
-
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     if any(os.path.isfile(os.path.join(path, w)) for w in weights):
         return path
@@ -141,8 +142,6 @@ def resolve_model_dir(path: str) -> str:
 
 def run_settings(model_dir: str) -> dict:
     """The flags of the run a checkpoint belongs to (its run directory's config.json), or {}."""
-    from alphadecay.checkpoint import STATE_FILE
-
     run_config = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "config.json")
     if not (os.path.isfile(os.path.join(model_dir, STATE_FILE)) and os.path.isfile(run_config)):
         return {}
@@ -153,9 +152,6 @@ def run_settings(model_dir: str) -> dict:
 
 def settings(args: argparse.Namespace, model_dir: str) -> dict:
     """Each data flag: the command line's value, else the run's, else the training default."""
-    from alphadecay.config import TrainConfig
-    from alphadecay.errors import UserError
-
     run, defaults = run_settings(model_dir), TrainConfig()
     out = {name: next(v for v in (getattr(args, name), run.get(name), getattr(defaults, name)) if v is not None)
            for name in DATA_FLAGS}
@@ -166,11 +162,7 @@ def settings(args: argparse.Namespace, model_dir: str) -> dict:
 
 
 def evaluate_path(args: argparse.Namespace, info: dist.DistInfo) -> dict:
-    from transformers.utils import logging as hf_logging
-
-    from alphadecay.esd_report import load_model
-    from alphadecay.model import cast_model
-    from alphadecay.run import resolve_dtype
+    from alphadecay.run import resolve_dtype  # run imports the trainer, which imports this module
 
     model_dir = resolve_model_dir(args.path)
     flags = settings(args, model_dir)
@@ -197,8 +189,6 @@ def evaluate_path(args: argparse.Namespace, info: dist.DistInfo) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from alphadecay.errors import UserError
-
     args = parse(argv)
     try:
         info = dist.setup(args.device)
