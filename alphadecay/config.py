@@ -6,7 +6,8 @@ paper's command lines run unchanged. Differences from the official parser, all d
   false`); the official `type=bool` flags could never be switched from the command line (bug #1);
 - `--alpha_positively_with_WD` exists (the official LLaMA parser never declared it, bug #2);
 - unknown or abbreviated flags are an error that suggests the closest valid flag;
-- `--dtype auto` picks bfloat16 on a bf16-capable GPU and float32 otherwise at run time, not at import (bug #29).
+- `--dtype auto` picks bfloat16 on a GPU of compute capability 8.0 or newer and float32 otherwise, at run time, not
+  at import (bug #29; the official `torch.cuda.is_bf16_supported()` also says yes on V100/T4, which emulate bf16).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ PL_FITTINGS = ("median", "fix-finger", "goodness-of-fit")
 ESD_ESTIMATORS = ("full", "farms")  # alphadecay/esd.py
 SCALING_RULES = ("none", "fan2025", "mup_lr")  # alphadecay/scaling.py
 SCALING_HEADS = ("matrix", "vector")
+OPTIMIZER_IMPLS = ("official", "foreach", "fused", "forloop")  # alphadecay/optim.py
+# What a run records besides its flags because it changes the numbers (config.json "provenance", the metrics'
+# provenance events, wandb's config); scripts/make_tables.py refuses to average runs that differ in one of these.
+PROVENANCE_KEYS = ("world_size", "micro_batch", "gradient_accumulation", "dtype_resolved", "optimizer_impl_resolved",
+                   "official_eval_rows", "eval_rows", "eval_tokens", "torch", "transformers")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, group: str = "training", **extra: Any) -> Any:
@@ -61,6 +67,7 @@ class TrainConfig:
 
     # --- optimisation ---------------------------------------------------------------------------------
     optimizer: str = _f("adam", "adam = torch Adam (coupled L2 decay, the paper's Adam table); adamw = decoupled decay", choices=("adam", "adamw"))
+    optimizer_impl: str = _f("official", "torch's optimizer kernel: official = what the authors' code gets (on CUDA Adam foreach, whose bf16 rounding of grad + wd*p loses most of a small coupled decay, and AdamW fused; on CPU torch's default for-loop); foreach; fused (fp32 arithmetic, one rounding); forloop", choices=OPTIMIZER_IMPLS)
     lr: float = _f(1e-3, "peak learning rate")
     adam_beta1: float = _f(0.9, "Adam beta1")
     adam_beta2: float = _f(0.999, "Adam beta2")
@@ -74,7 +81,7 @@ class TrainConfig:
     scheduler: str = _f("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr (cosine and linear)")
     grad_clipping: float = _f(0.0, "clip the global gradient norm to this value; 0 disables (the paper never clips)")
-    dtype: str = _f("auto", "bfloat16 = pure bf16 weights and optimizer states (the paper); float32; amp_bf16 = float32 master weights with bf16 autocast; auto = bfloat16 on a bf16 GPU, else float32", choices=("auto", "bfloat16", "float32", "amp_bf16"))
+    dtype: str = _f("auto", "bfloat16 = pure bf16 weights and optimizer states (the paper); float32; amp_bf16 = float32 master weights with bf16 autocast; auto = bfloat16 on a GPU of compute capability >= 8.0 (Ampere or newer), else float32", choices=("auto", "bfloat16", "float32", "amp_bf16"))
     activation_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     seed: int = _f(0, "seed of the model initialisation (the same on every rank)")
     device: str = _f("auto", "auto = this rank's GPU when there is one, else CPU", choices=("auto", "cpu", "cuda"))
@@ -105,6 +112,7 @@ class TrainConfig:
     remove_last_layer: bool = _f(True, "leave the last Linear (lm_head) at the base decay, as the official code", group="weight decay")
     wd_exclude: list = _f([], "regular expressions; Linear modules whose name matches one are not tuned (repeatable)", group="weight decay", nargs="*")
     official_fix_finger: bool = _f(False, "fix-finger fit with the official code's lower bound (a log10 value compared with linear eigenvalues)", group="weight decay")
+    official_adadecay_init: bool = _f(False, "AdaDecay (gradnorm + layerwise_sigmoid): give every tuned module decay 0 until the first in-loop pass, as the official code's integer gradient-norm placeholder does (default: the base decay, the method's intent)", group="weight decay")
     batchnorm: bool = _f(True, "accepted for compatibility (ties BatchNorm decay to convolutions; LLaMA has none)", group="weight decay")
     batchnorm_type: str = _f("name", "accepted for compatibility (no effect on LLaMA)", choices=("name",), group="weight decay")
 
@@ -116,7 +124,8 @@ class TrainConfig:
 
     # --- evaluation, logging, checkpoints -------------------------------------------------------------
     eval_every: int = _f(100, "evaluate every this many updates (and at the end)", group="evaluation, logging, checkpoints")
-    target_eval_tokens: int = _f(10_000_000, "validation tokens per evaluation (the same subset every time)", group="evaluation, logging, checkpoints")
+    target_eval_tokens: int = _f(10_000_000, "validation tokens per evaluation: the first rows of the split in source order whose real tokens reach this (the same rows every time, whatever the number of processes)", group="evaluation, logging, checkpoints")
+    official_eval_rows: int = _f(512, "rows per batch of the official estimator eval_loss_official (sum of batch means / (batches + 1)): the official run's world size x per-GPU batch, 512 in every official script", group="evaluation, logging, checkpoints")
     log_every: int = _f(1, "log training metrics every this many updates", group="evaluation, logging, checkpoints")
     save_every: int = _f(10000, "checkpoint every this many updates (and at the end)", group="evaluation, logging, checkpoints")
     save_dir: Optional[str] = _f(None, "run directory (checkpoints, metrics.jsonl, wandb); default checkpoints/<config>-<time>-<wandb_name>", group="evaluation, logging, checkpoints")
@@ -278,7 +287,7 @@ def apply_method_defaults(config: TrainConfig, given: set[str]) -> None:
 def validate(config: TrainConfig) -> None:
     """Checks that need no files, processes or devices (those come later, still before any compute)."""
     positive = ("lr", "batch_size", "total_batch_size", "max_length", "eval_every", "save_every", "log_every",
-                "unbalancedWD_every", "shuffle_buffer", "target_eval_tokens")
+                "unbalancedWD_every", "shuffle_buffer", "target_eval_tokens", "official_eval_rows")
     for name in positive:
         if getattr(config, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(config, name)}.")
@@ -303,6 +312,10 @@ def validate(config: TrainConfig) -> None:
     if config.wd_method() == "awd" and config.weight_decay <= 0:
         raise UserError("AWD sets lambda_awd = --awd_multiplier * --weight_decay; give --weight_decay > 0.")
     validate_scaling(config)
+    if config.official_adadecay_init and not official_adadecay_init_applies(config):
+        raise UserError("--official_adadecay_init only changes AdaDecay (--use_modulewise_wd --alpha_positively_with_WD "
+                        "--esd_metric_for_tb gradnorm --assign_func layerwise_sigmoid, or --wd_scheduler adadecay); "
+                        "this run selects another method, so drop the flag.")
     for pattern in config.wd_exclude:
         try:
             re.compile(pattern)
@@ -311,6 +324,13 @@ def validate(config: TrainConfig) -> None:
     for name in ("lr", "weight_decay", "min_lr_ratio", "wd_min_ratio", "wd_max_ratio"):
         if not math.isfinite(getattr(config, name)):
             raise UserError(f"--{name} must be a finite number.")
+
+
+def official_adadecay_init_applies(config: TrainConfig) -> bool:
+    """The official integer placeholder zeroes the decays only through layerwise_sigmoid's np.zeros_like of the
+    gradient-norm scores (WeightDecayUnbalance.py:234, :344, :358), and only when the mapping is applied."""
+    return (config.use_modulewise_wd and config.alpha_positively_with_WD and config.assign_func == "layerwise_sigmoid"
+            and config.esd_metric_for_tb in ("gradnorm", "gradnorm_d_weightnorm"))
 
 
 def validate_scaling(config: TrainConfig) -> None:
@@ -331,7 +351,11 @@ def validate_scaling(config: TrainConfig) -> None:
         raise UserError(f"--diagnostics_every must be >= 0 (0 = off), got {config.diagnostics_every}.")
 
 
-def save(config: TrainConfig, path: str) -> None:
+def save(config: TrainConfig, path: str, provenance: dict[str, Any] | None = None) -> None:
+    """The flags as JSON; with `provenance`, also what the run resolved them to, under the key "provenance"."""
+    record = config.to_dict()
+    if provenance is not None:
+        record["provenance"] = provenance
     with open(path, "w") as fh:
-        json.dump(config.to_dict(), fh, indent=2, sort_keys=False)
+        json.dump(record, fh, indent=2, sort_keys=False)
         fh.write("\n")

@@ -338,18 +338,40 @@ class Prefetcher:
 # ------------------------------------------------------------------------------------------------------------
 # Evaluation set
 # ------------------------------------------------------------------------------------------------------------
-def build_eval_batches(files: list[str], tokenizer, spec: RowSpec, *, batch_size: int, rank: int, world_size: int,
-                       seed: int, buffer_size: int, target_tokens: int) -> tuple[list[dict[str, torch.Tensor]], bool]:
-    """This rank's share of the validation subset: batches until rank-local real tokens reach target/world.
+def build_eval_rows(files: list[str], tokenizer, spec: RowSpec, *, target_tokens: int,
+                    docs_per_chunk: int = 256) -> tuple[torch.Tensor, bool]:
+    """The evaluation set: (rows, exhausted), rows an int32 (N, max_length) tensor, the same on every rank.
 
-    Built once and kept in memory, so every evaluation sees the same rows (the official code re-streams the
-    split each time, with the same seed). Returns the batches and whether the split ran out before the target.
+    The validation rows in source order (shards sorted by file name, documents in file order, no shuffle), made
+    as training rows are (paper mode: one eos-terminated, truncated, right-padded document per row; --packing:
+    documents concatenated and cut into full rows, the incomplete last row dropped). N is the shortest prefix
+    whose real tokens (non-pad in paper mode, all when packing) reach `target_tokens`; if the split has fewer,
+    all of it, and exhausted is True. Nothing here depends on the world size, the batch size or a seed, so every
+    layout evaluates the same rows; ranks divide them by row (`alphadecay.evaluate.evaluate_rows`). Built once
+    and kept in memory (the official code re-streams a seed-42 shuffle of the split, split by rank, every time).
     """
-    stream = DocumentStream(files, rank=rank, world_size=world_size, seed=seed, buffer_size=buffer_size, repeat=False)
-    batches, tokens = [], 0
-    for batch, _ in TokenBatches(stream, tokenizer, spec, batch_size):
-        if tokens * world_size >= target_tokens:
-            return batches, False
-        tokens += int((batch["input_ids"] != spec.pad_id).sum()) if not spec.packing else batch["input_ids"].numel()
-        batches.append({k: v.to(torch.int32) for k, v in batch.items()})
-    return batches, True
+    documents = iter(DocumentStream(files, rank=0, world_size=1, seed=0, buffer_size=1, shuffle=False, repeat=False))
+    rows: list[torch.Tensor] = []
+    carry: list[int] = []
+    tokens = 0
+    while tokens < target_tokens:
+        texts = [t for _, t in zip(range(docs_per_chunk), documents)]
+        if not texts:
+            break
+        encoded = encode_documents(tokenizer, texts, spec)
+        if spec.packing:
+            carry.extend(t for ids in encoded for t in ids)
+            full = len(carry) // spec.max_length * spec.max_length
+            chunk = torch.tensor(carry[:full], dtype=torch.int32).view(-1, spec.max_length)
+            carry = carry[full:]
+            real = torch.full((len(chunk),), spec.max_length)
+        else:
+            chunk = pad_rows(encoded, spec).to(torch.int32)
+            real = (chunk != spec.pad_id).sum(dim=1)
+        cumulative = tokens + real.cumsum(0)
+        keep = int((cumulative < target_tokens).sum()) + 1  # rows up to the first that reaches the target
+        rows.append(chunk[:keep])
+        tokens = int(cumulative[min(keep, len(chunk)) - 1]) if len(chunk) else tokens
+    exhausted = tokens < target_tokens
+    out = torch.cat(rows) if rows else torch.empty(0, spec.max_length, dtype=torch.int32)
+    return out, exhausted

@@ -14,9 +14,9 @@ Linear weights on a 2-core CPU at initialisation: 0.39 s, against 1.7 s for a lo
 `torch.linalg.matrix_norm(W, ord=2)` (a full SVD each) and a 2e-2 (50 steps) or 1e-3 (500 steps, 2.6 s) error for
 power iteration, which converges slowly on the nearly degenerate top of a random-init (Marchenko-Pastur) spectrum.
 
-The probe batch is fixed: the first PROBE_ROWS rows of rank 0's validation subset (real text, so the gains are
-those of the training distribution; random token ids would give attention patterns the model never sees),
-broadcast to every rank, with padded positions left out of the RMS. The weights are identical on every rank
+The probe batch is fixed: the first PROBE_ROWS rows of the evaluation set (real text, so the gains are those of
+the training distribution; random token ids would give attention patterns the model never sees), the same rows
+on every rank, with padded positions left out of the RMS. The weights are identical on every rank
 under DDP, so every rank computes the same values (only rank 0 logs them).
 """
 
@@ -27,8 +27,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from alphadecay import dist, esd
-from alphadecay.data import IGNORE_INDEX
+from alphadecay import esd
+from alphadecay.data import IGNORE_INDEX, RowSpec, labels_for
 from alphadecay.errors import UserError
 from alphadecay.param_groups import LINEAR_KINDS, linear_modules
 
@@ -89,15 +89,14 @@ class ScalingDiagnostics:
         self.every, self.input_ids, self.mask = every, input_ids, mask
 
     @classmethod
-    def from_eval_batches(cls, every: int, eval_batches: list[dict[str, torch.Tensor]],
-                          device: torch.device) -> ScalingDiagnostics:
-        """The probe batch: rank 0's first validation rows, the same on every rank (a collective call)."""
-        first = eval_batches[0] if eval_batches else None
-        first = dist.broadcast_object({k: v[:PROBE_ROWS] for k, v in first.items()} if first else None)
-        if first is None:
+    def from_eval_rows(cls, every: int, eval_rows: torch.Tensor, spec: RowSpec,
+                       device: torch.device) -> ScalingDiagnostics:
+        """The probe batch: the first validation rows (the evaluation set is identical on every rank)."""
+        if not len(eval_rows):
             raise UserError("--diagnostics_every needs a validation row for its probe batch; the validation split "
                             "gave none.")
-        return cls(every, first["input_ids"].to(device).long(), (first["labels"] != IGNORE_INDEX).to(device))
+        input_ids = eval_rows[:PROBE_ROWS].long()
+        return cls(every, input_ids.to(device), (labels_for(input_ids, spec) != IGNORE_INDEX).to(device))
 
     def due(self, step: int, done: bool) -> bool:
         return done or step % self.every == 0

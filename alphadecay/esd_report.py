@@ -55,7 +55,8 @@ def report(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
     """One dict per Linear module: its spectrum's statistics and the decay AlphaDecay would assign."""
     linears = linear_modules(model)
     stats = esd.module_metrics([(n, m.weight) for n, m in linears], fit=args.pl_fitting, xmin_pos=args.xmin_pos,
-                               filter_zeros=args.filter_zeros, estimator=args.esd_estimator, farms=farms(args))
+                               filter_zeros=args.filter_zeros, official_fix_finger=args.official_fix_finger,
+                               estimator=args.esd_estimator, farms=farms(args))
     tuned = tuned_modules(model, remove_first=args.remove_first_layer, remove_last=args.remove_last_layer,
                           exclude=args.wd_exclude, min_eigs=esd.EIGS_THRESH)
     blocks = [layer_index(n) if layer_index(n) is not None else n for n in tuned]  # as ModulewiseDecay groups them
@@ -155,6 +156,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--farms_window", type=int, default=2000, help="FARMS: short side of each submatrix")
     parser.add_argument("--farms_aspect_ratio", type=float, default=1.0, help="FARMS: long / short side, >= 1")
     parser.add_argument("--farms_windows_per_dim", type=int, default=15, help="FARMS: positions per dimension")
+    parser.add_argument("--official_fix_finger", nargs="?", const=True, default=False, type=_str2bool,
+                        help="fix-finger with the official lower bound log10(0.95 peak), compared with linear "
+                             "eigenvalues (default: 0.95 peak, the intended bound)")
     parser.add_argument("--xmin_pos", type=float, default=2.0)
     parser.add_argument("--filter_zeros", nargs="?", const=True, default=False, type=_str2bool)
     parser.add_argument("--remove_first_layer", nargs="?", const=True, default=True, type=_str2bool)

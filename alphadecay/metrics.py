@@ -5,8 +5,10 @@ for training updates, `loss`, `lr`, `weight_decay`, `tokens_seen`, `tokens_per_s
 `eval_ppl` (token-weighted) and `eval_loss_official`, `eval_ppl_official` (the official estimator); for
 module-wise decay passes `alpha/<module>` (or `<metric>/<module>`), `wd/<module>` and their summaries; for AWD
 `awd/lambda_t`, `awd/lambda_bar`; for the scaling-rule diagnostics `sigma_max/<module>`, `gain/attn/<layer>`,
-`gain/mlp/<layer>`. wandb is never required: if it is missing or cannot start, a warning is printed and the JSON
-file still gets everything.
+`gain/mlp/<layer>`; and at every (re)start a `provenance` event: what changes the numbers without being a flag
+(world size, micro-batch, accumulation, resolved dtype and optimizer kernel, evaluation layout, torch and
+transformers versions; wandb has it in its config). wandb is never required: if it is missing or cannot start,
+a warning is printed and the JSON file still gets everything.
 """
 
 from __future__ import annotations
@@ -70,6 +72,12 @@ class MetricsLogger:
             fh.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
+
+    def record(self, event: dict[str, Any], step: int) -> None:
+        """An event for metrics.jsonl only (not a time series for wandb), e.g. the run's provenance."""
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": step, **event}) + "\n")
 
     def close(self) -> None:
         if self.wandb_run is not None:

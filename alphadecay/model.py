@@ -67,5 +67,22 @@ def build_model(config: LlamaConfig, *, seed: int) -> LlamaForCausalLM:
     return model
 
 
+def cast_model(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    """model.to(device, dtype), but the RoPE frequencies stay float32, so pure bf16 rotates by the official angles.
+
+    transformers computes cos/sin on the fly from the `inv_freq` buffer, which `.to(bfloat16)` would round
+    (relative error up to 2^-9: at position 255 some rotation angles would be off by up to ~0.25 rad). The
+    official GaLore model caches cos/sin computed in float32 from float32 frequencies and only then rounds them to
+    bf16; with float32 frequencies transformers' cos/sin are those same values. The buffers are non-persistent:
+    checkpoints do not hold them.
+    """
+    frequencies = {name: buf.detach().clone() for name, buf in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(device=device, dtype=dtype)
+    for name, freq in frequencies.items():
+        owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        setattr(owner, attr, freq.to(device=device, dtype=torch.float32))
+    return model
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

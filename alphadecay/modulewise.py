@@ -14,8 +14,12 @@ minus (for spectral metrics) matrices with fewer than 50 eigenvalues. Untuned mo
 norms keep their base decay.
 
 Update 0 reproduces the official pass at initialisation, which runs before any gradient exists: the weights are
-the initial ones, and the gradient norm of every module is the official placeholder 10 (so AdaDecay starts
-uniform).
+the initial ones, and the gradient norm of every module is the official placeholder 10, so every z-score is 0
+and AdaDecay starts at the base decay, as the method intends. The official code does not: its placeholder is
+the integer 10, so the score column is int64, `np.zeros_like` makes layerwise_sigmoid's decays an integer array,
+and 1.0 × wd is truncated to 0 (WeightDecayUnbalance.py:234, :344, :358): every tuned module trains with decay 0
+until the first in-loop pass (update 499 by default). `official_adadecay_init=True` (--official_adadecay_init)
+reproduces that.
 """
 
 from __future__ import annotations
@@ -55,8 +59,11 @@ class ModulewiseDecay:
                  filter_zeros: bool = False, official_fix_finger: bool = False, remove_first: bool = True,
                  remove_last: bool = True, exclude: list[str] | None = None, apply_mapping: bool = True,
                  sigmoid_slope: float = 4.0, eigs_thresh: int = 50, estimator: str = "full",
-                 farms: esd.FarmsSampling = esd.FarmsSampling()):
+                 farms: esd.FarmsSampling = esd.FarmsSampling(), official_adadecay_init: bool = False):
         self.metric, self.assign_func, self.every = metric, assign_func, every
+        # the official integer placeholder's effect (module docstring): only through layerwise_sigmoid's zeros_like
+        self.zero_at_init = (official_adadecay_init and assign_func == "layerwise_sigmoid"
+                             and metric in ("gradnorm", "gradnorm_d_weightnorm"))
         self.min_ratio, self.max_ratio, self.sigmoid_slope = min_ratio, max_ratio, sigmoid_slope
         self.fit_kwargs = {"fit": fit, "xmin_pos": xmin_pos, "filter_zeros": filter_zeros,
                            "official_fix_finger": official_fix_finger, "eigs_thresh": eigs_thresh,
@@ -84,7 +91,8 @@ class ModulewiseDecay:
                    remove_last=config.remove_last_layer, exclude=config.wd_exclude,
                    apply_mapping=config.alpha_positively_with_WD, estimator=config.esd_estimator,
                    farms=esd.FarmsSampling(config.farms_window, config.farms_aspect_ratio,
-                                           config.farms_windows_per_dim))
+                                           config.farms_windows_per_dim),
+                   official_adadecay_init=config.official_adadecay_init)
 
     def due(self, step: int) -> bool:
         return step == 0 or (step + 1) % self.every == 0
@@ -119,7 +127,9 @@ class ModulewiseDecay:
         if not self.due(step) or not self.modules:
             return None
         scores, stats = self.scores(model, initial=step == 0)
-        if self.apply_mapping:
+        if self.apply_mapping and step == 0 and self.zero_at_init:
+            multipliers = np.zeros(len(self.modules))  # --official_adadecay_init: the official int64 decays
+        elif self.apply_mapping:
             multipliers = assign(self.assign_func, scores, blocks=self.blocks, min_ratio=self.min_ratio,
                                  max_ratio=self.max_ratio, slope=self.sigmoid_slope)
         else:  # --use_modulewise_wd without --alpha_positively_with_WD: measure and log only (ViT semantics)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch.nn.parallel import DistributedDataParallel
 from transformers.utils import logging as hf_logging
 
@@ -22,9 +23,10 @@ from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_stat
 from alphadecay.config import TrainConfig
 from alphadecay.diagnostics import ScalingDiagnostics
 from alphadecay.errors import UserError
+from alphadecay.evaluate import target_count
 from alphadecay.metrics import MetricsLogger
-from alphadecay.model import build_model, count_parameters, load_model_config
-from alphadecay.optim import build_optimizer
+from alphadecay.model import build_model, cast_model, count_parameters, load_model_config
+from alphadecay.optim import build_optimizer, resolve_optimizer_impl
 from alphadecay.param_groups import build_param_groups, describe
 from alphadecay.scaling import apply_scaling_rule
 from alphadecay.schedulers import build_wd_scheduler
@@ -50,13 +52,17 @@ def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
     return accumulation
 
 
-def resolve_dtype(config: TrainConfig, device: torch.device) -> tuple[torch.dtype, bool]:
-    """(parameter dtype, bf16 autocast?) for --dtype."""
-    name = config.dtype
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, bool, str]:
+    """(parameter dtype, bf16 autocast?, resolved name) for --dtype.
+
+    auto is bfloat16 only on a GPU of compute capability 8.0 or newer (A100, H100, RTX 30xx/40xx): earlier GPUs
+    (V100, T4) run bf16 by emulation, which torch.cuda.is_bf16_supported() still reports as supported.
+    """
     if name == "auto":
-        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return {"bfloat16": (torch.bfloat16, False), "float32": (torch.float32, False),
-            "amp_bf16": (torch.float32, True)}[name]
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "float32"
+    dtype, autocast = {"bfloat16": (torch.bfloat16, False), "float32": (torch.float32, False),
+                       "amp_bf16": (torch.float32, True)}[name]
+    return dtype, autocast, name
 
 
 def resolve_run_dir(config: TrainConfig, info: dist.DistInfo, checkpoint: str | None) -> str:
@@ -80,15 +86,23 @@ def resolve_run_dir(config: TrainConfig, info: dist.DistInfo, checkpoint: str | 
     return run_dir
 
 
-def provenance() -> dict:
+def provenance(config: TrainConfig, info: dist.DistInfo, *, grad_accum: int, dtype_name: str, optimizer_impl: str,
+               eval_rows: torch.Tensor, spec: data.RowSpec) -> dict:
+    """What changes a run's numbers without being a flag (config.PROVENANCE_KEYS, which scripts/make_tables.py
+    compares across the runs of a table cell), then where it ran."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-            "torch": torch.__version__, "cuda": torch.version.cuda,
+    return {"world_size": info.world_size, "micro_batch": config.batch_size, "gradient_accumulation": grad_accum,
+            "dtype_resolved": dtype_name, "optimizer_impl_resolved": optimizer_impl,
+            "official_eval_rows": config.official_eval_rows, "eval_rows": int(eval_rows.shape[0]),
+            "eval_tokens": target_count(eval_rows, spec), "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+            "cuda": torch.version.cuda, "device": str(info.device),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
@@ -134,14 +148,14 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would interleave with ours
     inputs = check_inputs(config, info)
     run_dir = resolve_run_dir(config, info, inputs.checkpoint)
-    dtype, use_autocast = resolve_dtype(config, info.device)
+    dtype, use_autocast, dtype_name = resolve_dtype(config.dtype, info.device)
     total_steps = config.train_steps()
 
     weights, saved = load_checkpoint(inputs.checkpoint) if inputs.checkpoint else (None, None)
     raw_model = build_model(inputs.model_config, seed=config.seed)
     if weights is not None:
         raw_model.load_state_dict(weights, strict=True)
-    raw_model.to(device=info.device, dtype=dtype)
+    cast_model(raw_model, info.device, dtype)
     if config.activation_checkpointing:
         raw_model.gradient_checkpointing_enable()
     param_groups = build_param_groups(raw_model, weight_decay=config.weight_decay, decay_norms=config.decay_norms,
@@ -149,6 +163,7 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     apply_scaling_rule(param_groups, rule=config.scaling_rule, width=inputs.model_config.hidden_size,
                        base_width=config.base_width, head=config.scaling_head)
     optimizer = build_optimizer(param_groups, config, info.device)
+    optimizer_impl = resolve_optimizer_impl(config.optimizer_impl, config.optimizer, info.device)
     wd_scheduler = build_wd_scheduler(config, raw_model, optimizer.param_groups)
 
     documents = data.DocumentStream(inputs.train_files, rank=info.rank, world_size=info.world_size,
@@ -158,44 +173,52 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     if saved:
         log0(info, f"resuming from update {state.step} of {total_steps}")
 
-    eval_batches, exhausted = data.build_eval_batches(
-        inputs.eval_files, inputs.tokenizer, inputs.spec, batch_size=config.batch_size, rank=info.rank,
-        world_size=info.world_size, seed=config.data_seed, buffer_size=config.shuffle_buffer,
-        target_tokens=config.target_eval_tokens)
+    eval_rows, exhausted = data.build_eval_rows(inputs.eval_files, inputs.tokenizer, inputs.spec,
+                                                target_tokens=config.target_eval_tokens)
+    if not len(eval_rows):
+        raise UserError(f"--dataset {config.dataset}: the validation split holds no complete row to evaluate on.")
     if exhausted:
         log0(info, f"note: the validation split has fewer than --target_eval_tokens {config.target_eval_tokens:,} "
                    f"tokens; every evaluation uses all of it")
-    probes = ([ScalingDiagnostics.from_eval_batches(config.diagnostics_every, eval_batches, info.device)]
+    probes = ([ScalingDiagnostics.from_eval_rows(config.diagnostics_every, eval_rows, inputs.spec, info.device)]
               if config.diagnostics_every else [])
     model = raw_model
     if info.distributed:
         model = DistributedDataParallel(raw_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                                         broadcast_buffers=False)
-    logger = start_logging(config, info, run_dir, raw_model, optimizer, inputs, state.step, saved)
+    run_provenance = provenance(config, info, grad_accum=inputs.grad_accum, dtype_name=dtype_name,
+                                optimizer_impl=optimizer_impl, eval_rows=eval_rows, spec=inputs.spec)
+    logger = start_logging(config, info, run_dir, raw_model, optimizer, run_provenance, state.step, saved)
     autocast = (torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast
                 else contextlib.nullcontext())
     log0(info, f"model {count_parameters(raw_model) / 1e6:.2f}M parameters, {dtype}"
-               f"{' + bf16 autocast' if use_autocast else ''} on {info.device} x {info.world_size}; weight decay: "
+               f"{' + bf16 autocast' if use_autocast else ''} on {info.device} x {info.world_size}; optimizer "
+               f"{config.optimizer} ({optimizer_impl} kernel, --optimizer_impl {config.optimizer_impl}); weight decay: "
                f"{config.wd_method()}; {total_steps} updates of {config.total_batch_size} x {config.max_length} tokens "
-               f"(accumulation {inputs.grad_accum}); run directory {run_dir}")
+               f"(accumulation {inputs.grad_accum}); evaluation on {len(eval_rows):,} rows "
+               f"({run_provenance['eval_tokens']:,} tokens), official estimator over batches of "
+               f"{config.official_eval_rows} rows; run directory {run_dir}")
     return Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
-                   wd_scheduler=wd_scheduler, train_batches=train_batches, eval_batches=eval_batches, logger=logger,
+                   wd_scheduler=wd_scheduler, train_batches=train_batches, eval_rows=eval_rows, row_spec=inputs.spec,
+                   logger=logger,
                    run_dir=run_dir, total_steps=total_steps, grad_accum=inputs.grad_accum, autocast=autocast,
                    state=state, probes=probes)
 
 
-def start_logging(config: TrainConfig, info: dist.DistInfo, run_dir: str, model, optimizer, inputs: Inputs,
+def start_logging(config: TrainConfig, info: dist.DistInfo, run_dir: str, model, optimizer, run_provenance: dict,
                   step: int, saved: dict | None) -> MetricsLogger:
-    """Save the config, start metrics.jsonl and wandb (rank 0), and print the run's description."""
-    run_info = {**config.to_dict(), **provenance(), "world_size": info.world_size, "device": str(info.device),
-                "total_params_M": count_parameters(model) / 1e6, "gradient_accumulation": inputs.grad_accum,
+    """Save the config with the run's provenance, start metrics.jsonl and wandb (rank 0; both get the provenance:
+    metrics.jsonl as a `provenance` event at every start, so a resumed run keeps each segment's), and print the
+    run's description."""
+    run_info = {**config.to_dict(), **run_provenance, "total_params_M": count_parameters(model) / 1e6,
                 "wd_method": config.wd_method(), "updates": config.train_steps()}
     if info.is_main:
-        config_lib.save(config, os.path.join(run_dir, "config.json"))
+        config_lib.save(config, os.path.join(run_dir, "config.json"), provenance=run_provenance)
     logger = MetricsLogger(run_dir, enabled=info.is_main, project=config.wandb_project, name=config.wandb_name,
                            mode=config.wandb_mode, config=run_info, resume_step=step,
                            wandb_id=saved.get("wandb_id") if saved else None,
                            tags=config.tags.split(",") if config.tags else None)
+    logger.record({"provenance": run_provenance}, step=step)
     log0(info, f"{config.table()}\n\n{describe(optimizer.param_groups)}\n")
     if config.use_modulewise_wd and not config.alpha_positively_with_WD:
         log0(info, "note: --use_modulewise_wd without --alpha_positively_with_WD measures and logs the module-wise "

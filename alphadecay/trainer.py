@@ -14,7 +14,6 @@ One update (`train_step`):
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import time
@@ -28,7 +27,8 @@ from tqdm.auto import tqdm
 from alphadecay import dist
 from alphadecay.checkpoint import rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
-from alphadecay.data import IGNORE_INDEX, Prefetcher
+from alphadecay.data import IGNORE_INDEX, Prefetcher, RowSpec
+from alphadecay.evaluate import evaluate_rows
 from alphadecay.optim import lr_factor, set_learning_rate
 from alphadecay.param_groups import apply_multipliers, mean_weight_decay
 
@@ -56,7 +56,12 @@ def target_count(labels: torch.Tensor) -> int:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the run saves a checkpoint after the current update and exits."""
+    """Set by SIGTERM/SIGINT; the run saves a checkpoint after the current update and exits.
+
+    SIGTERM stays handled until the checkpoint is written (`uninstall`): under SLURM the job step and torchrun
+    each send SIGTERM to a worker, milliseconds apart, and the second must not kill it mid-save. Only a second
+    SIGINT (Ctrl-C twice) acts at once, through the handler that was there before (KeyboardInterrupt).
+    """
 
     def __init__(self) -> None:
         self.raised = False
@@ -68,7 +73,8 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal acts at once
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -78,12 +84,14 @@ class StopFlag:
 class Trainer:
     def __init__(self, *, config: TrainConfig, info: dist.DistInfo, model: torch.nn.Module,
                  raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer, wd_scheduler, train_batches,
-                 eval_batches: list[dict[str, torch.Tensor]], logger, run_dir: str, total_steps: int,
+                 eval_rows: torch.Tensor | None, row_spec: RowSpec | None, logger, run_dir: str, total_steps: int,
                  grad_accum: int, autocast: contextlib.AbstractContextManager, state: TrainState,
                  probes: list | None = None):
         self.config, self.info, self.model, self.raw_model = config, info, model, raw_model
         self.optimizer, self.wd_scheduler, self.logger = optimizer, wd_scheduler, logger
-        self.train_batches, self.eval_batches, self.run_dir = train_batches, eval_batches, run_dir
+        self.train_batches, self.run_dir = train_batches, run_dir
+        # The evaluation set (data.build_eval_rows): the same rows on every rank; labels come from row_spec.
+        self.eval_rows, self.row_spec = eval_rows, row_spec
         self.total_steps, self.grad_accum, self.autocast, self.state = total_steps, grad_accum, autocast, state
         # Read-only measurements on their own cadence: objects with due(step, done) -> bool and
         # __call__(model) -> dict of floats (identical on every rank); see alphadecay/diagnostics.py.
@@ -99,8 +107,8 @@ class Trainer:
         """A trainer that only runs `train_step` on batches it is given: no data, evaluation, logging or saving
         (for tests and benchmarks)."""
         return cls(config=config, info=info, model=model, raw_model=raw_model or model, optimizer=optimizer,
-                   wd_scheduler=wd_scheduler, train_batches=None, eval_batches=[], logger=None, run_dir="",
-                   total_steps=0, grad_accum=1, autocast=contextlib.nullcontext(), state=TrainState())
+                   wd_scheduler=wd_scheduler, train_batches=None, eval_rows=None, row_spec=None, logger=None,
+                   run_dir="", total_steps=0, grad_accum=1, autocast=contextlib.nullcontext(), state=TrainState())
 
     # -- one update ------------------------------------------------------------------------------------------
     def train_step(self, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int, bool, dict]:
@@ -197,35 +205,13 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
     # -- evaluation ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted mean loss over this run's fixed validation subset, reduced across ranks.
-
-        Also the official estimator (torchrun_main.py:158-180): per rank, the sum of per-batch mean losses
-        divided by (number of batches + 1), then averaged over ranks. It is biased low by about 1/(batches+1).
-        """
-        device, model = self.info.device, self.raw_model
-        model.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        batch_means = torch.zeros((), dtype=torch.float64, device=device)
-        targets = 0
-        for batch in self.eval_batches:
-            count = target_count(batch["labels"])  # on the CPU copy: no device sync per batch
-            input_ids, labels = batch["input_ids"].to(device).long(), batch["labels"].to(device).long()
-            with self.autocast:
-                batch_sum = token_loss_sum(model, input_ids, labels).double()
-            loss_sum += batch_sum
-            batch_means += batch_sum / max(count, 1)
-            targets += count
-        model.train()
-        official = batch_means / (len(self.eval_batches) + 1)
-        totals = torch.stack([loss_sum, torch.tensor(float(targets), dtype=torch.float64, device=device), official])
-        loss_sum_all, targets_all, official_sum = dist.all_reduce_sum(totals).tolist()
-        eval_loss = loss_sum_all / max(targets_all, 1.0)
-        official_loss = official_sum / self.info.world_size
-        return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
-                "eval_loss_official": official_loss, "eval_ppl_official": math.exp(min(official_loss, 50.0)),
-                "eval_tokens": int(targets_all)}
+        """eval_loss (token mean) and eval_loss_official (the official estimator over global batches of
+        --official_eval_rows rows) on the evaluation set, identical for any world size and --batch_size
+        (alphadecay/evaluate.py)."""
+        return evaluate_rows(self.raw_model, self.eval_rows, self.row_spec, info=self.info,
+                             batch_size=self.config.batch_size, official_eval_rows=self.config.official_eval_rows,
+                             autocast=self.autocast)
 
     def evaluate_and_log(self) -> dict[str, float]:
         result = self.evaluate()

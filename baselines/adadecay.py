@@ -4,8 +4,10 @@ The original method rescales decay per parameter, every step, by 2*sigmoid(alpha
 z-scored within a layer. The paper's port (official-code.md §4.2) is coarser, and this is what we reproduce:
 one score per Linear module, the Frobenius norm of its gradient (after the DDP all-reduce); z-scored within each
 transformer block; multiplier 2*sigmoid(4 z); refreshed at update 0 (all norms are the placeholder 10 there, so
-the decay starts uniform) and every --unbalancedWD_every updates. It is the module-wise machinery of AlphaDecay
-with another score and map, so it is built from it rather than copied; it computes no eigenvalues.
+the decay starts at the base value; the official code's integer placeholder gives decay 0 instead until the
+first in-loop pass, which --official_adadecay_init reproduces) and every --unbalancedWD_every updates. It is the
+module-wise machinery of AlphaDecay with another score and map, so it is built from it rather than copied; it
+computes no eigenvalues.
 """
 
 from __future__ import annotations

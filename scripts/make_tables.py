@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Markdown tables of final validation perplexity from finished runs, laid out like the AlphaDecay paper's.
 
-    scripts/make_tables.py RUN_DIR_OR_GLOB... [--out tables.md] [--official]
+    scripts/make_tables.py RUN_DIR_OR_GLOB... [--out tables.md] [--official] [--allow_mixed]
 
 Each argument is a run directory (holding config.json and metrics.jsonl), a directory searched for run
 directories (e.g. `runs`), or a quoted glob (`'runs/*-130M-*'`). One table per optimizer (Adam, AdamW); rows
@@ -11,7 +11,12 @@ are the methods (Uniform, AWD, AdaDecay, AlphaDecay), columns are model size x b
 entries is in bold.
 
 A run's value is its last evaluation, which must be at its final update (runs still training, or stopped early,
-are left out and listed on stderr). `eval_ppl` is the token-weighted perplexity; `--official` uses
+are left out and listed on stderr). Runs averaged in one cell must agree in their provenance, what changes the
+numbers without being a hyperparameter (alphadecay.config.PROVENANCE_KEYS: world size, micro-batch,
+accumulation, resolved dtype and optimizer kernel, evaluation layout, torch and transformers versions, from
+config.json and every start's `provenance` event in metrics.jsonl): otherwise the script exits with code 2,
+naming the field and the runs, unless --allow_mixed, which averages them and marks the cell with †. Runs that
+differ in other settings are averaged with a warning. `eval_ppl` is the token-weighted perplexity; `--official` uses
 `eval_ppl_official`, the official code's estimator (biased low, ~3% at the paper's 10M evaluation tokens),
 which is what the paper reports. Standard library only (plus this repository's alphadecay.config, which is
 standard library too).
@@ -32,11 +37,12 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from alphadecay.config import TrainConfig  # noqa: E402  (needs the repository root on sys.path)
+from alphadecay.config import PROVENANCE_KEYS, TrainConfig  # noqa: E402  (needs the repository root on sys.path)
 
 METHOD_LABELS = {"uniform": "Uniform", "awd": "AWD", "adadecay": "AdaDecay", "alphadecay": "AlphaDecay"}
 OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW"}
-# Settings that do not change what a run computes; runs sharing a cell may differ in these (and in seed).
+# Flags that do not change what a run computes; runs sharing a cell may differ in these (and in seed). The
+# micro-batch and accumulation are compared through the provenance instead (PROVENANCE_KEYS).
 LOGISTICS = {"seed", "save_dir", "wandb_name", "wandb_mode", "wandb_project", "tags", "name", "continue_from",
              "workers", "batch_size", "gradient_accumulation", "device", "log_every", "save_every", "single_cuda"}
 
@@ -46,6 +52,7 @@ class Run:
     path: str
     config: TrainConfig
     last_eval: dict | None  # the last evaluation event of metrics.jsonl
+    provenance: dict  # PROVENANCE_KEYS -> the distinct values the run recorded, in order (one per segment at most)
 
     @property
     def finished(self) -> bool:
@@ -68,13 +75,18 @@ def load_run(path: str) -> Run:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
     last_eval = None
+    recorded = []
     with open(os.path.join(path, "metrics.jsonl")) as fh:
         for line in fh:
             if line.strip():
                 event = json.loads(line)
                 if "eval_ppl" in event:
                     last_eval = event
-    return Run(path, config, last_eval)
+                if "provenance" in event:
+                    recorded.append(event["provenance"])
+    recorded = recorded or [saved.get("provenance") or {}]  # runs from before provenance events: config.json's
+    provenance = {key: tuple(dict.fromkeys(json.dumps(p.get(key)) for p in recorded)) for key in PROVENANCE_KEYS}
+    return Run(path, config, last_eval, provenance)
 
 
 def find_run_dirs(arguments: list[str]) -> list[str]:
@@ -111,14 +123,16 @@ def format_wd(wd: float) -> str:
     return re.sub(r"e([-+])0*(\d)", r"e\1\2", f"{wd:g}")
 
 
-def format_cell(values: list[float], bold: bool) -> str:
+def format_cell(values: list[float], bold: bool, mixed: bool = False) -> str:
     mean = statistics.fmean(values)
     text = f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {statistics.stdev(values):.2f}"
-    return f"**{text}** (n={len(values)})" if bold else f"{text} (n={len(values)})"
+    text = f"**{text}**" if bold else text
+    return f"{text} (n={len(values)}){' †' if mixed else ''}"
 
 
-def make_table(optimizer: str, cells: dict[tuple[str, float, str], list[float]]) -> str:
-    """One optimizer's table; cells maps (size, wd, method) to the runs' perplexities."""
+def make_table(optimizer: str, cells: dict[tuple[str, float, str], list[float]],
+               mixed: set[tuple[str, float, str]] = frozenset()) -> str:
+    """One optimizer's table; cells maps (size, wd, method) to the runs' perplexities; `mixed` cells get a †."""
     columns = sorted({(size, wd) for size, wd, _ in cells}, key=lambda c: (size_order(c[0]), c[1] != 0, -c[1]))
     methods = [m for m in METHOD_LABELS if any(method == m for _, _, method in cells)]
     best: dict[tuple[str, float], float] = {}
@@ -133,13 +147,21 @@ def make_table(optimizer: str, cells: dict[tuple[str, float, str], list[float]])
         row = []
         for column in columns:
             values = cells.get((*column, method))
-            row.append(format_cell(values, best.get(column) == round(statistics.fmean(values), 2)) if values else "–")
+            row.append(format_cell(values, best.get(column) == round(statistics.fmean(values), 2),
+                                   (*column, method) in mixed) if values else "–")
         lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def make_tables(runs: list[Run], official: bool = False) -> str:
-    """Markdown for finished runs (unfinished ones and cells that mix settings are reported on stderr)."""
+class MixedProvenance(Exception):
+    """Runs of one cell differ in their provenance (the message names the fields and the runs)."""
+
+
+def make_tables(runs: list[Run], official: bool = False, allow_mixed: bool = False) -> str:
+    """Markdown for finished runs (unfinished ones and cells that mix settings are reported on stderr).
+
+    Raises MixedProvenance when the runs of a cell differ in provenance, unless allow_mixed (then the cell is
+    marked with † and the fields are reported on stderr)."""
     key = "eval_ppl_official" if official else "eval_ppl"
     groups: dict[tuple[str, str, float, str], list[Run]] = defaultdict(list)
     for run in runs:
@@ -152,17 +174,42 @@ def make_tables(runs: list[Run], official: bool = False) -> str:
         groups[(config.optimizer, run.size, config.weight_decay, config.wd_method())].append(run)
 
     tables: dict[str, dict[tuple[str, float, str], list[float]]] = defaultdict(dict)
+    mixed_cells: dict[str, set[tuple[str, float, str]]] = defaultdict(set)
     for (optimizer, size, wd, method), members in sorted(groups.items()):
+        differing = provenance_differences(members)
+        if differing:
+            cell = f"{OPTIMIZER_LABELS.get(optimizer, optimizer)} {size} WD {format_wd(wd)} {METHOD_LABELS[method]}"
+            detail = "; ".join(f"{k} ({v})" for k, v in differing.items())
+            if not allow_mixed:
+                raise MixedProvenance(f"the runs of cell {cell} differ in {detail}. Their numbers are not comparable: "
+                                      f"re-run them alike, or pass --allow_mixed to average them anyway (the cell "
+                                      f"is then marked †).")
+            print(f"warning: cell {cell} averages runs that differ in {detail}", file=sys.stderr)
+            mixed_cells[optimizer].add((size, wd, method))
         warn_if_mixed(members)
         tables[optimizer][(size, wd, method)] = [run.last_eval[key] for run in members]
     if not tables:
         return "No finished runs.\n"
     estimator = ("`eval_ppl_official`: the official code's estimator, biased low (~3% at 10M evaluation tokens), "
                  "comparable with the paper" if official else "`eval_ppl`: token-weighted")
-    blocks = [make_table(optimizer, tables[optimizer]) for optimizer in sorted(tables)]  # adam, adamw
+    blocks = [make_table(optimizer, tables[optimizer], mixed_cells[optimizer]) for optimizer in sorted(tables)]
     legend = (f"Final validation perplexity ({estimator}): mean ± sample standard deviation over runs (seeds), "
               "n = number of runs; the lowest mean in each column is in bold.")
+    if any(mixed_cells.values()):
+        legend += (" † averages runs that differ in provenance (world size, micro-batch, dtype, optimizer kernel, "
+                   "evaluation layout or library versions; see stderr).")
     return "\n\n".join(blocks) + "\n\n" + legend + "\n"
+
+
+def provenance_differences(members: list[Run]) -> dict[str, str]:
+    """Each PROVENANCE_KEYS field in which the runs differ (or one run's segments do), with every run's values."""
+    out = {}
+    for key in PROVENANCE_KEYS:
+        values = [run.provenance.get(key, ("null",)) for run in members]
+        if len(set(values)) > 1 or any(len(v) > 1 for v in values):
+            out[key] = ", ".join(f"{run.path}: {' then '.join('unrecorded' if x == 'null' else x for x in v)}"
+                                 for run, v in zip(members, values))
+    return out
 
 
 def warn_if_mixed(members: list[Run]) -> None:
@@ -184,13 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the markdown to this file")
     parser.add_argument("--official", action="store_true",
                         help="use eval_ppl_official (the official estimator, as in the paper) instead of eval_ppl")
+    parser.add_argument("--allow_mixed", action="store_true",
+                        help="average runs of one cell that differ in provenance (marked †) instead of refusing")
     args = parser.parse_args(argv)
     run_dirs = find_run_dirs(args.runs)
     if not run_dirs:
         print(f"error: no run directories (config.json + metrics.jsonl) under {' '.join(args.runs)}",
               file=sys.stderr)
         return 2
-    markdown = make_tables([load_run(path) for path in run_dirs], official=args.official)
+    try:
+        markdown = make_tables([load_run(path) for path in run_dirs], official=args.official,
+                               allow_mixed=args.allow_mixed)
+    except MixedProvenance as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(markdown, end="")
     if args.out:
         Path(args.out).write_text(markdown)

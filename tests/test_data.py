@@ -140,17 +140,26 @@ def test_packed_rows_concatenate_documents_with_eos(tokenizer):
     assert all((data.labels_for(r, spec) == r).all() for r in rows)
 
 
-def test_eval_subset_is_fixed_and_bounded(tokenizer):
-    files = data.list_shards(SAMPLE, "en", "validation")
-    spec = data.RowSpec.from_tokenizer(tokenizer, 64, packing=False)
-    kwargs = dict(batch_size=4, rank=0, world_size=1, seed=42, buffer_size=16, target_tokens=2000)
-    first, exhausted = data.build_eval_batches(files, tokenizer, spec, **kwargs)
-    second, _ = data.build_eval_batches(files, tokenizer, spec, **kwargs)
-    assert not exhausted
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second))
-    tokens = sum(int((b["input_ids"] != 0).sum()) for b in first)
-    last = int((first[-1]["input_ids"] != 0).sum())
-    assert tokens >= 2000 and tokens - last < 2000  # stops at the first batch that reaches the target
+@pytest.mark.parametrize("packing", [False, True])
+def test_eval_rows_are_the_split_in_source_order_up_to_the_target(tmp_path, tokenizer, packing):
+    texts = write_c4(tmp_path, shards=3, docs_per_shard=20, split="validation")  # in file-name, then file order
+    files = data.list_shards(str(tmp_path), "en", "validation")
+    spec = data.RowSpec.from_tokenizer(tokenizer, 16, packing=packing)
+    encoded = data.encode_documents(tokenizer, texts, spec)
+    if packing:
+        stream_of_tokens = [t for ids in encoded for t in ids]
+        expected = torch.tensor(stream_of_tokens[: len(stream_of_tokens) // 16 * 16]).view(-1, 16)
+        real = torch.full((len(expected),), 16)
+    else:
+        expected = data.pad_rows(encoded, spec)
+        real = (expected != spec.pad_id).sum(dim=1)
+    target = int(real[:23].sum())  # reached exactly by the first 23 rows
+    rows, exhausted = data.build_eval_rows(files, tokenizer, spec, target_tokens=target, docs_per_chunk=7)
+    assert not exhausted and rows.dtype == torch.int32 and torch.equal(rows.long(), expected[:23])
+    rows, _ = data.build_eval_rows(files, tokenizer, spec, target_tokens=target + 1)  # one more token: one more row
+    assert torch.equal(rows.long(), expected[:24])
+    rows, exhausted = data.build_eval_rows(files, tokenizer, spec, target_tokens=10**9)
+    assert exhausted and torch.equal(rows.long(), expected)
 
 
 def test_special_tokens_added_beyond_the_vocabulary_by_add_tokens_are_allowed_too():

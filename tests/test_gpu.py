@@ -23,3 +23,26 @@ def test_esd_on_cuda_matches_cpu():
     gpu = esd.module_metrics([(n, w.cuda()) for n, w in weights])
     for name in cpu:
         assert gpu[name]["alpha"] == pytest.approx(cpu[name]["alpha"], rel=1e-4)
+
+
+def test_cuda_adam_kernels_apply_the_decay_the_cpu_ones_do():
+    """On CUDA, foreach keeps its scalars in float32 (the CPU one rounds wd to bf16), so the same bounds hold."""
+    from tests.test_optimizer_impl import decay_ratios
+
+    ratio = decay_ratios(0, device="cuda")
+    assert ratio["foreach"] < 0.4 and 0.8 < ratio["fused"] < 1.6
+
+
+def test_dtype_auto_and_the_official_adam_kernel_on_this_gpu():
+    from alphadecay.config import parse_args
+    from alphadecay.optim import build_optimizer
+    from alphadecay.run import resolve_dtype
+
+    device = torch.device("cuda", 0)
+    expected = "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float32"
+    assert resolve_dtype("auto", device)[2] == expected
+    p = torch.nn.Parameter(torch.zeros(4, device=device))
+    for optimizer, kernel in (("adam", "foreach"), ("adamw", "fused")):
+        config, _ = parse_args(["--optimizer", optimizer])
+        built = build_optimizer([{"params": [p], "weight_decay": 0.1, "lr_scale": 1.0}], config, device)
+        assert built.defaults[kernel]

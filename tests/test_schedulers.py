@@ -11,6 +11,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from alphadecay.config import parse_args
+from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
 from alphadecay.modulewise import ModulewiseDecay, tuned_modules
 from alphadecay.param_groups import apply_multipliers, build_param_groups
@@ -121,6 +122,28 @@ def test_adadecay_starts_uniform_then_zscores_gradient_norms_per_block():
         np.testing.assert_allclose([update.multipliers[n] for n in names], 2 / (1 + np.exp(-4 * z)), rtol=1e-6)
         assert update.metrics[f"gradnorm/{names[0]}"] == pytest.approx(norms[0], rel=1e-6)
     assert len([b for b in scheduler.blocks if b == 0]) == 6  # layer-0 q_proj is not tuned
+
+
+def test_official_adadecay_init_trains_tuned_modules_without_decay_until_the_first_pass():
+    """The official integer placeholder 10 makes layerwise_sigmoid's decays int64 zeros at initialisation."""
+    model, groups = tiny()
+    scheduler = modulewise(model, groups, metric="gradnorm", assign_func="layerwise_sigmoid",
+                           official_adadecay_init=True)
+    update = scheduler.step(0, model)
+    assert set(update.multipliers.values()) == {0.0} and len(update.multipliers) == len(scheduler.modules)
+    assert update.metrics[f"wd/{scheduler.modules[0]}"] == 0.0
+    assert scheduler.step(1, model) is None  # the zero decays stay until the first in-loop pass
+    ids = torch.randint(3, 8000, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    later = scheduler.step(4, model).multipliers
+    assert all(0 < m < 2 for m in later.values()) and len(set(later.values())) > 2  # the z-scored map from then on
+    config, _ = parse_args(["--wd_scheduler", "adadecay", "--official_adadecay_init", "--model_config", TINY_CONFIG])
+    assert build_wd_scheduler(config, model, groups).zero_at_init
+
+
+def test_official_adadecay_init_is_refused_for_other_methods():
+    with pytest.raises(UserError, match="--official_adadecay_init only changes AdaDecay"):
+        parse_args(["--wd_scheduler", "alphadecay", "--official_adadecay_init"])
 
 
 def test_multipliers_compose_with_group_base_decays():

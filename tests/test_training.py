@@ -19,7 +19,7 @@ from alphadecay.data import IGNORE_INDEX
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
 from alphadecay.param_groups import build_param_groups
-from alphadecay.trainer import Trainer
+from alphadecay.trainer import StopFlag, Trainer
 from baselines.uniform import Uniform
 from tests.conftest import (REPO, TINY_CONFIG, by_step, free_port, read_metrics, run_main, run_subprocess,
                             train_args)
@@ -68,7 +68,28 @@ def test_resume_continues_exactly_as_if_never_stopped(reference_run, tmp_path):
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
+def test_stop_flag_keeps_sigterm_and_passes_a_second_sigint_on():
+    """The handlers that were there before StopFlag (recorders here) must see no SIGTERM and the second SIGINT."""
+    seen = []
+    before = {sig: signal.signal(sig, lambda signum, frame: seen.append(signum))
+              for sig in (signal.SIGTERM, signal.SIGINT)}
+    flag = StopFlag()
+    flag.install()
+    try:
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):  # SLURM's and torchrun's SIGTERM, one Ctrl-C
+            os.kill(os.getpid(), sig)
+            time.sleep(0.01)
+        assert flag.raised and seen == []
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C twice: acts at once
+        time.sleep(0.01)
+        assert seen == [signal.SIGINT]
+    finally:
+        flag.uninstall()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_two_sigterms_10ms_apart_save_a_checkpoint_and_the_resumed_run_matches(tmp_path):
     steps = 30
     args = train_args(tmp_path / "killed", num_training_steps=steps, save_every=1000, eval_every=1000)
     proc = subprocess.Popen([sys.executable, str(REPO / "torchrun_main.py"), *args], cwd=REPO,
@@ -77,6 +98,8 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3):
         time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # as under SLURM: the job step's SIGTERM, then torchrun's
+    time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output

@@ -1,0 +1,215 @@
+"""Validation loss: the trainer's evaluation, and `python -m alphadecay.evaluate PATH` for any saved model.
+
+The evaluation set is one tensor of rows, identical on every rank and independent of the world size and the
+batch size (`data.build_eval_rows`). Rank r evaluates rows r, r+W, r+2W, … in micro-batches of --batch_size,
+computes each row's summed next-token loss and target count, and one all-reduce puts every row's pair in the
+global order on every rank. From those:
+- `eval_loss`: the token mean over all rows (`eval_ppl` = exp);
+- `eval_loss_official`: the official estimator (torchrun_main.py:158-180), computed as the official code would
+  over global batches of --official_eval_rows consecutive rows: each batch's value is its token-mean loss (HF's
+  mean cross-entropy over the batch), and the result is the sum of the batch values divided by (number of
+  batches + 1), the official counter starting at 1. A final partial batch counts as a batch. The flag stands for
+  the official run's world size × per-GPU batch, 512 in every official script; where the official run had two
+  GPUs it averaged the two GPUs' batch means, which the token mean over their 512 rows matches to second order.
+  The estimator is biased low by about 1/(batches + 1): about 1% in loss at the paper's 10M tokens.
+So the same model gives the same values on any number of processes and at any --batch_size (the per-row losses
+differ only by float rounding between batch shapes).
+
+The CLI evaluates a checkpoint (`model_<step>`), a run directory (its latest checkpoint) or a `save_pretrained`
+directory of a LLaMA model, including one trained elsewhere, on the validation split; under torchrun the ranks
+share the rows. Data flags default to the run's own values when PATH belongs to one of our runs, else to the
+training defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging as hf_logging
+
+from alphadecay import data, dist
+from alphadecay.checkpoint import STATE_FILE, find_checkpoint
+from alphadecay.config import TrainConfig, _str2bool
+from alphadecay.data import IGNORE_INDEX
+from alphadecay.errors import UserError
+from alphadecay.esd_report import load_model
+from alphadecay.model import cast_model
+
+
+def row_loss_sums(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the sum over target positions of the next-token cross-entropy (float64) and the number of
+    targets (int64). Full logits, upcast to float32 when they are bf16."""
+    logits = model(input_ids=input_ids).logits
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # shift the labels, not the (B, T, V) logits
+    losses = F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.view(shifted.shape).double().sum(dim=1), (shifted != IGNORE_INDEX).sum(dim=1)
+
+
+def official_estimate(row_sums: torch.Tensor, row_counts: torch.Tensor, rows_per_batch: int) -> float:
+    """Σ_k (token-mean loss of batch k) / (K + 1) over K batches of `rows_per_batch` consecutive rows (the last
+    one possibly partial). A batch without targets counts as 0 (the official code would give NaN)."""
+    batches = math.ceil(len(row_sums) / rows_per_batch)
+    if batches == 0:
+        return math.nan
+    index = torch.arange(len(row_sums), device=row_sums.device) // rows_per_batch
+    sums = torch.zeros(batches, dtype=torch.float64, device=row_sums.device).index_add_(0, index, row_sums.double())
+    counts = torch.zeros_like(sums).index_add_(0, index, row_counts.double())
+    return float((sums / counts.clamp(min=1)).sum() / (batches + 1))
+
+
+@torch.no_grad()
+def evaluate_rows(model: torch.nn.Module, rows: torch.Tensor, spec: data.RowSpec, *, info: dist.DistInfo,
+                  batch_size: int, official_eval_rows: int,
+                  autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+    """eval_loss, eval_ppl, eval_loss_official, eval_ppl_official, eval_tokens of `model` (unwrapped, identical on
+    every rank) on `rows`; a collective call: every rank passes the same rows."""
+    device, total = info.device, rows.shape[0]
+    per_row = torch.zeros(2, total, dtype=torch.float64, device=device)  # summed loss, targets
+    was_training = model.training
+    model.eval()
+    try:
+        for chunk in torch.arange(info.rank, total, info.world_size).split(batch_size):
+            input_ids = rows[chunk].to(device).long()
+            with autocast or contextlib.nullcontext():
+                sums, counts = row_loss_sums(model, input_ids, data.labels_for(input_ids, spec))
+            per_row[:, chunk.to(device)] = torch.stack([sums, counts.double()])
+    finally:
+        model.train(was_training)
+    row_sums, row_counts = dist.all_reduce_sum(per_row)  # each row is non-zero on its one rank only: exact
+    targets = float(row_counts.sum())
+    eval_loss = float(row_sums.sum()) / max(targets, 1.0)
+    official = official_estimate(row_sums, row_counts, official_eval_rows)
+    return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
+            "eval_loss_official": official, "eval_ppl_official": math.exp(min(official, 50.0)),
+            "eval_tokens": int(targets)}
+
+
+def target_count(rows: torch.Tensor, spec: data.RowSpec) -> int:
+    """Targets (predicted positions) in the rows: what `eval_tokens` counts."""
+    return int((data.labels_for(rows, spec)[:, 1:] != IGNORE_INDEX).sum())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# python -m alphadecay.evaluate PATH
+# ------------------------------------------------------------------------------------------------------------
+DATA_FLAGS = ("dataset", "dataset_config", "tokenizer", "max_length", "packing", "target_eval_tokens", "batch_size",
+              "official_eval_rows", "dtype")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    fields = TrainConfig.__dataclass_fields__
+    parser = argparse.ArgumentParser(prog="python -m alphadecay.evaluate", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
+    parser.add_argument("path", help="checkpoint model_<step>, run directory, or save_pretrained directory")
+    for name in DATA_FLAGS:
+        meta = fields[name].metadata
+        kwargs: dict = {"default": None, "help": f"{meta['help']} (default: the run's value, else "
+                                                 f"{fields[name].default})"}
+        if fields[name].type in (bool, "bool"):
+            kwargs.update(nargs="?", const=True, type=_str2bool)
+        else:
+            kwargs["type"] = {"int": int, "str": str}.get(str(fields[name].type), str)
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        parser.add_argument(f"--{name}", **kwargs)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto = this rank's GPU when there is one, else CPU")
+    parser.add_argument("--json", help="also write the results to this JSON file (rank 0)")
+    return parser.parse_args(argv)
+
+
+def resolve_model_dir(path: str) -> str:
+    """PATH itself when it holds model weights, else the latest checkpoint of the run directory PATH."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    if any(os.path.isfile(os.path.join(path, w)) for w in weights):
+        return path
+    try:
+        return find_checkpoint(path)
+    except UserError:
+        raise UserError(f"{path}: neither a save_pretrained model directory (config.json + model.safetensors or "
+                        f"pytorch_model.bin), a checkpoint model_<step>, nor a run directory holding one.") from None
+
+
+def run_settings(model_dir: str) -> dict:
+    """The flags of the run a checkpoint belongs to (its run directory's config.json), or {}."""
+    run_config = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "config.json")
+    if not (os.path.isfile(os.path.join(model_dir, STATE_FILE)) and os.path.isfile(run_config)):
+        return {}
+    with open(run_config) as fh:
+        saved = json.load(fh)
+    return saved if isinstance(saved, dict) and "model_config" in saved else {}
+
+
+def settings(args: argparse.Namespace, model_dir: str) -> dict:
+    """Each data flag: the command line's value, else the run's, else the training default."""
+    run, defaults = run_settings(model_dir), TrainConfig()
+    out = {name: next(v for v in (getattr(args, name), run.get(name), getattr(defaults, name)) if v is not None)
+           for name in DATA_FLAGS}
+    for name in ("max_length", "target_eval_tokens", "batch_size", "official_eval_rows"):
+        if out[name] <= 0:
+            raise UserError(f"--{name} must be positive, got {out[name]}.")
+    return out
+
+
+def evaluate_path(args: argparse.Namespace, info: dist.DistInfo) -> dict:
+    from alphadecay.run import resolve_dtype  # run imports the trainer, which imports this module
+
+    model_dir = resolve_model_dir(args.path)
+    flags = settings(args, model_dir)
+    tokenizer = data.load_tokenizer(flags["tokenizer"], flags["max_length"])
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the official configs' pad_token_id -1 draws warnings on every load
+    try:
+        model = load_model(model_dir)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    data.check_tokenizer_fits(tokenizer, model.config.vocab_size, flags["tokenizer"], model_dir)
+    spec = data.RowSpec.from_tokenizer(tokenizer, flags["max_length"], flags["packing"])
+    files = data.list_shards(flags["dataset"], flags["dataset_config"], "validation")
+    dtype, use_autocast, dtype_name = resolve_dtype(flags["dtype"], info.device)
+    cast_model(model, info.device, dtype)
+    rows, exhausted = data.build_eval_rows(files, tokenizer, spec, target_tokens=flags["target_eval_tokens"])
+    autocast = torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast else None
+    result = evaluate_rows(model, rows, spec, info=info, batch_size=flags["batch_size"],
+                           official_eval_rows=flags["official_eval_rows"], autocast=autocast)
+    return {**result, "eval_rows": int(rows.shape[0]), "exhausted": exhausted, "model": model_dir,
+            **{k: v for k, v in flags.items() if k != "dtype"}, "dtype_resolved": dtype_name,
+            "world_size": info.world_size}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        info = dist.setup(args.device)
+        try:
+            result = evaluate_path(args, info)
+        finally:
+            dist.teardown()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if info.is_main:
+        for key in ("eval_loss", "eval_ppl", "eval_loss_official", "eval_ppl_official", "eval_tokens", "eval_rows"):
+            print(f"{key} {result[key]}")
+        if result["exhausted"]:
+            print(f"note: the validation split has fewer than --target_eval_tokens {result['target_eval_tokens']:,} "
+                  f"tokens; all of it was used")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
