@@ -147,8 +147,9 @@ def test_module_metrics_with_farms_matches_the_reference_pass():
     assert math.isnan(ours["small"]["alpha"])
     # every fit method on the pooled ESD; the other metrics stay the whole matrix's. (The searches are compared on
     # the same eigenvalues: on random-init spectra their D minimum is flat enough for fp32 rounding to move it.)
-    pooled = esd.farms_eigenvalues([w for _, w in named], sampling)
-    for fit in esd.FIT_METHODS:
+    for fit in esd.FIT_METHODS:  # the searches get float64 eigenvalues (esd.SMALL_EIGENVALUE_FITS)
+        gram_dtype = torch.float64 if fit in esd.SMALL_EIGENVALUE_FITS else None
+        pooled = esd.farms_eigenvalues([w for _, w in named], sampling, gram_dtype=gram_dtype)
         ours = esd.module_metrics(named, fit=fit, estimator="farms", farms=sampling)
         full = esd.module_metrics(named, fit=fit)
         for (name, _), eigs in zip(named[:-1], pooled):
