@@ -185,7 +185,7 @@ class PretokenizedBatches:
     world_size_independent = True  # restore() may resume its position on any number of ranks
 
     def __init__(self, split: Split, spec: data.RowSpec, *, seed: int, total_batch_size: int, batch_size: int,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, announce: bool = True):
         if len(split) < total_batch_size:
             raise UserError(f"--dataset: the pretokenized {split.name} split has {len(split):,} rows, fewer than one "
                             f"global batch (--total_batch_size {total_batch_size}); pretokenize more rows "
@@ -193,6 +193,7 @@ class PretokenizedBatches:
         self.split, self.spec, self.seed = split, spec, seed
         self.total, self.micro, self.rank, self.world_size = total_batch_size, batch_size, rank, world_size
         self.share = total_batch_size // world_size  # run.gradient_accumulation checked that this divides
+        self.announce = announce and rank == 0  # say when an epoch ends (rank 0, above the progress bar)
         self.update, self.epoch, self.row = 0, 0, 0
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -204,7 +205,7 @@ class PretokenizedBatches:
     def global_batch(self) -> np.ndarray:
         """Row indices of the next update's global batch, advancing the position (and the epoch when needed)."""
         if self.row + self.total > len(self.split):
-            if self.rank == 0:
+            if self.announce:
                 from tqdm.auto import tqdm
 
                 tqdm.write(f"data: epoch {self.epoch} of the pretokenized train split ends after update "
