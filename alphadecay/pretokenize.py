@@ -101,10 +101,8 @@ def tokenize_shard(task: dict[str, Any]) -> dict[str, int]:
                 documents += len(encoded)
                 if full or _WORKER["stopped"]():
                     break
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a bad shard is the user's to fix: name it
-        raise UserError(f"--dataset: reading or tokenizing {task['source']} failed ({type(err).__name__}: {err}).") from None
+    except (OSError, EOFError, ValueError) as err:  # a truncated gzip, bad JSON, no 'text': name the shard
+        raise UserError(f"--dataset: reading {task['source']} failed ({type(err).__name__}: {err}).") from None
     return {"rows": rows, "tokens": tokens, "documents": documents, "lengths": lengths}
 
 
@@ -124,7 +122,10 @@ class _Inline:
     def cancel(self) -> None:
         pass
 
-    def close(self, finished: bool) -> None:
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -162,7 +163,8 @@ class _Pool:
             _advance(self.bar, done)
 
     def cancel(self) -> None:
-        """Stop the shards in flight (past --max_rows): each worker returns after its current chunk."""
+        """Stop the shards in flight past --max_rows: each worker returns after its current chunk, and the pool
+        goes on with the next split."""
         self.stop.set()
         for pending in self.pending:
             pending.wait()
@@ -170,12 +172,16 @@ class _Pool:
         self._drain()
         self.stop.clear()
 
-    def close(self, finished: bool) -> None:
+    def abort(self) -> None:
+        """An error or an interruption: end the workers now (a worker hit by Ctrl-C never returns its task)."""
         if self.pool is not None:
-            if finished:
-                self.pool.close()
-            else:  # an error or an interruption: do not wait for shards nobody will use
-                self.pool.terminate()
+            self.pool.terminate()
+            self.pool.join()
+        self.pool, self.pending = None, []
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
             self.pool.join()
         self.queue.close()
         self.queue.join_thread()
@@ -268,13 +274,11 @@ def pretokenize(args, on_shard_done: Callable[[str, int], None] | None = None) -
     if not os.path.isdir(os.path.join(args.out, "tokenizer")):
         tokenizer.save_pretrained(os.path.join(args.out, "tokenizer"))  # train with --tokenizer OUT/tokenizer
     runner = _Inline(tokenizer, spec) if args.workers == 1 else _Pool(args.workers, args)
-    finished = False
     try:
         for split in splits:
             _run_split(args, runner, split, sources[split], meta, spec, dtype, limit, row_bytes, on_shard_done, tqdm)
-        finished = True
     finally:
-        runner.close(finished)
+        runner.close()
     for split in splits:
         info = meta["splits"][split]
         print(f"{split}: {info['rows']:,} rows from {info['documents']:,} documents in {len(info['shards'])} "
@@ -361,11 +365,14 @@ def _run_split(args, runner, split: str, sources: list[str], meta: dict, spec: d
                 on_shard_done(split, index)
             if limit_reached:
                 break
+        if inflight:  # shards past the limit
+            runner.cancel()
+    except BaseException:
+        runner.abort()
+        raise
     finally:
         bar.close()
-        if inflight:
-            runner.cancel()
-        for _, tmp, _ in inflight:  # shards beyond the limit, or an interruption
+        for _, tmp, _ in inflight:  # shards past the limit, or an interruption
             if os.path.exists(tmp):
                 os.remove(tmp)
 

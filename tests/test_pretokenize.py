@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -149,6 +150,20 @@ def test_an_existing_directory_with_other_settings_is_refused(tmp_path, c4):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"exists and is not empty"):
         pretokenize_dir(tmp_path / "other", dataset=c4[0])
+
+
+@pytest.mark.parametrize("damage", ["truncated gzip", "bad json"])
+def test_a_damaged_source_shard_is_named(tmp_path, c4, damage):
+    root = tmp_path / "c4"
+    shutil.copytree(c4[0], root)
+    shard = root / "en" / "c4-train.00002-of-00004.json.gz"
+    if damage == "truncated gzip":
+        shard.write_bytes(shard.read_bytes()[:5000])
+    else:
+        with gzip.open(shard, "wt") as fh:
+            fh.write('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(UserError, match=rf"--dataset: reading {shard} failed \((EOFError|ArrowInvalid)"):
+        pretokenize_dir(tmp_path / "rows", dataset=str(root), splits="train")
 
 
 def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, c4):
