@@ -3,8 +3,8 @@
     python benchmarks/data.py                      # the shipped sample and tokenizer, rows of 256 tokens
     python benchmarks/data.py --seconds 20 --skip_pretokenizer
 
-Each figure is printed as a ratio to the demand of one H100 stated below (shared/notes: ≈1.0M row tokens/s on the
-60M config, ≈0.5M on 130M, compiled, pure bf16, sequence 256); the pretokenized rows also as a ratio to the
+Each figure is printed as a ratio to the demand of one H100 stated below (an estimate from published throughput:
+≈1.0M row tokens/s on the 60M config, ≈0.5M on 130M, compiled, pure bf16, sequence 256); the pretokenized rows also as a ratio to the
 streaming path measured in the same run. Row tokens count every position of a (rows, max_length) batch, pads
 included, because that is what the GPU computes on.
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alphadecay import data, pretokenize, pretokenized  # noqa: E402
 
-DEMAND = {"60M": 1.0e6, "130M": 0.5e6}  # row tokens/s one H100 consumes (estimate, shared/notes/gpu-and-data.md)
+DEMAND = {"60M": 1.0e6, "130M": 0.5e6}  # row tokens/s one H100 consumes (estimate, no GPU measured)
 
 
 def timed_batches(batches, seconds: float) -> tuple[float, int]:
