@@ -3,9 +3,9 @@
     python benchmarks/data.py                      # the shipped sample and tokenizer, rows of 256 tokens
     python benchmarks/data.py --seconds 20 --skip_pretokenizer
 
-Each figure is printed as a ratio to the demand of one H100 stated below (an estimate from published throughput:
-≈1.0M row tokens/s on the 60M config, ≈0.5M on 130M, compiled, pure bf16, sequence 256); the pretokenized rows also as a ratio to the
-streaming path measured in the same run. Row tokens count every position of a (rows, max_length) batch, pads
+Each figure is printed as a ratio to the demand of one H100 stated below (an estimate from published
+throughput: ≈1.0M row tokens/s on the 60M config, ≈0.5M on 130M, compiled, pure bf16, sequence 256); the
+pretokenized rows also as a ratio to the streaming path measured in the same run. Row tokens count every position of a (rows, max_length) batch, pads
 included, because that is what the GPU computes on.
 
 - streaming: `data.TokenBatches` over `data.DocumentStream` (what the trainer's background thread runs), paper
