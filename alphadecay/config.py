@@ -55,7 +55,7 @@ class TrainConfig:
 
     # --- model and data -------------------------------------------------------------------------------
     model_config: str = _f("configs/llama_60m.json", "LLaMA config JSON (configs/llama_{1m,3m,60m,130m,350m,1b}.json)", group="model and data")
-    dataset: str = _f("allenai/c4", "hub dataset in C4 layout (allenai/c4) or a local directory in C4 layout, e.g. data/c4_sample", group="model and data")
+    dataset: str = _f("allenai/c4", "hub dataset in C4 layout (allenai/c4), a local directory in C4 layout (data/c4_sample), or a directory of rows made by `python -m alphadecay.pretokenize` (one global order; resumes on any number of processes)", group="model and data")
     dataset_config: str = _f("en", "C4 variant: the sub-directory holding the shards (en, en.noblocklist, realnewslike, ...)", group="model and data")
     tokenizer: str = _f("t5-base", "hub tokenizer name or local tokenizer directory, e.g. data/tokenizer", group="model and data")
     max_length: int = _f(256, "tokens per row", group="model and data")

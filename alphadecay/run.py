@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers.utils import logging as hf_logging
 
 from alphadecay import config as config_lib
-from alphadecay import data, dist
+from alphadecay import data, dist, pretokenized
 from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_state
 from alphadecay.config import TrainConfig
 from alphadecay.diagnostics import ScalingDiagnostics
@@ -117,6 +117,7 @@ class Inputs:
     eval_files: list[str]
     grad_accum: int
     checkpoint: str | None  # the checkpoint directory --continue_from resolves to
+    pretokenized: pretokenized.Pretokenized | None = None  # --dataset made by `python -m alphadecay.pretokenize`
 
 
 def check_inputs(config: TrainConfig, info: dist.DistInfo) -> Inputs:
@@ -126,21 +127,41 @@ def check_inputs(config: TrainConfig, info: dist.DistInfo) -> Inputs:
     tokenizer = data.load_tokenizer(config.tokenizer, config.max_length)
     data.check_tokenizer_fits(tokenizer, model_config.vocab_size, config.tokenizer, config.model_config)
     spec = data.RowSpec.from_tokenizer(tokenizer, config.max_length, config.packing)
-    train_files = data.list_shards(config.dataset, config.dataset_config, "train")
-    eval_files = data.list_shards(config.dataset, config.dataset_config, "validation")
+    if pretokenized.is_pretokenized(config.dataset):  # rows made ahead of training: check they match the flags
+        stored = pretokenized.open_dataset(config.dataset)
+        stored.check_matches(tokenizer, config.tokenizer, spec)
+        train_files, eval_files = [], []
+    else:  # streaming
+        stored = None
+        train_files = data.list_shards(config.dataset, config.dataset_config, "train")
+        eval_files = data.list_shards(config.dataset, config.dataset_config, "validation")
     checkpoint = find_checkpoint(config.continue_from) if config.continue_from else None
-    return Inputs(model_config, tokenizer, spec, train_files, eval_files, grad_accum, checkpoint)
+    return Inputs(model_config, tokenizer, spec, train_files, eval_files, grad_accum, checkpoint, stored)
 
 
-def restore(saved: dict, optimizer, wd_scheduler, train_batches: data.TokenBatches, info: dist.DistInfo) -> TrainState:
-    """Put the optimizer, the weight-decay scheduler, this rank's data position and RNG back where they were."""
-    if saved["world_size"] != info.world_size:
+def restore(saved: dict, optimizer, wd_scheduler, train_batches, info: dist.DistInfo) -> TrainState:
+    """Put the optimizer, the weight-decay scheduler, this rank's data position and RNG back where they were.
+
+    Streaming data is split into per-rank streams, so it resumes only on the same number of processes. Pretokenized
+    data has one position for all ranks (updates, epoch, row: the next global batch), so it resumes on any number.
+    Rank r then restores the global RNG states of saved rank r mod (saved world size): nothing in training draws
+    from them today (no dropout; data order has its own seeded generators), and this keeps any future consumer
+    deterministic for a given checkpoint and world size.
+    """
+    portable = getattr(train_batches, "world_size_independent", False)
+    saved_pretokenized = saved["data"][0].get("kind") == "pretokenized"
+    if saved_pretokenized != portable:
+        kinds = ("streamed", "pretokenized")
+        raise UserError(f"--continue_from: the checkpoint was trained on {kinds[saved_pretokenized]} data, but this "
+                        f"run's --dataset is {kinds[portable]}; resume with the --dataset it was trained on.")
+    if saved["world_size"] != info.world_size and not portable:
         raise UserError(f"--continue_from: the checkpoint was written by {saved['world_size']} process(es); "
-                        f"resume it with the same number (this run has {info.world_size}).")
+                        f"resume it with the same number (this run has {info.world_size}), or train from "
+                        f"pretokenized data (python -m alphadecay.pretokenize), which resumes on any number.")
     optimizer.load_state_dict(saved["optimizer"])
     wd_scheduler.load_state_dict(saved["wd_scheduler"])
-    train_batches.load_state_dict(saved["data"][info.rank])
-    set_rng_state(saved["rng"][info.rank])
+    train_batches.load_state_dict(saved["data"][0 if portable else info.rank])
+    set_rng_state(saved["rng"][info.rank % len(saved["rng"])])
     return TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], train_time=saved["train_time"])
 
 
@@ -166,15 +187,24 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     optimizer_impl = resolve_optimizer_impl(config.optimizer_impl, config.optimizer, info.device)
     wd_scheduler = build_wd_scheduler(config, raw_model, optimizer.param_groups)
 
-    documents = data.DocumentStream(inputs.train_files, rank=info.rank, world_size=info.world_size,
-                                    seed=config.data_seed, buffer_size=config.shuffle_buffer)
-    train_batches = data.TokenBatches(documents, inputs.tokenizer, inputs.spec, config.batch_size)
+    if inputs.pretokenized is not None:  # one global permutation; each rank takes its share of every batch
+        train_batches = inputs.pretokenized.train_batches(
+            inputs.spec, seed=config.data_seed, total_batch_size=config.total_batch_size,
+            batch_size=config.batch_size, rank=info.rank, world_size=info.world_size)
+    else:  # streaming: each rank reads its own shards
+        documents = data.DocumentStream(inputs.train_files, rank=info.rank, world_size=info.world_size,
+                                        seed=config.data_seed, buffer_size=config.shuffle_buffer)
+        train_batches = data.TokenBatches(documents, inputs.tokenizer, inputs.spec, config.batch_size)
     state = restore(saved, optimizer, wd_scheduler, train_batches, info) if saved else TrainState()
     if saved:
         log0(info, f"resuming from update {state.step} of {total_steps}")
 
-    eval_rows, exhausted = data.build_eval_rows(inputs.eval_files, inputs.tokenizer, inputs.spec,
-                                                target_tokens=config.target_eval_tokens)
+    if inputs.pretokenized is not None:
+        eval_rows, exhausted = pretokenized.build_eval_rows(inputs.pretokenized, inputs.spec,
+                                                            target_tokens=config.target_eval_tokens)
+    else:
+        eval_rows, exhausted = data.build_eval_rows(inputs.eval_files, inputs.tokenizer, inputs.spec,
+                                                    target_tokens=config.target_eval_tokens)
     if not len(eval_rows):
         raise UserError(f"--dataset {config.dataset}: the validation split holds no complete row to evaluate on.")
     if exhausted:

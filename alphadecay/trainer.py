@@ -199,6 +199,8 @@ class Trainer:
                    "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
         if self.grad_norm is not None:
             metrics["grad_norm"] = self.grad_norm.item()
+        if self.data_state and "epoch" in self.data_state:  # pretokenized data: passes over the train split
+            metrics["epoch"] = self.data_state["epoch"]
         metrics.update(extra)
         self.logger.log(metrics, step=self.state.step)
         self.last_loss = loss

@@ -72,6 +72,23 @@ def run_subprocess(args: list[str], *, launcher: list[str] | None = None, env: d
     return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def pretokenize_dir(out, **overrides) -> str:
+    """`python -m alphadecay.pretokenize` in this process (the shipped sample and tokenizer, rows of 64 tokens);
+    keyword arguments override or add flags. Returns the output directory."""
+    from alphadecay import pretokenize
+
+    flags = {"dataset": SAMPLE, "tokenizer": TOKENIZER, "out": str(out), "max_length": 64, "workers": 1}
+    flags.update(overrides)
+    args = []
+    for key, value in flags.items():
+        if value is True:
+            args.append(f"--{key}")
+        elif value is not None and value is not False:
+            args += [f"--{key}", str(value)]
+    pretokenize.pretokenize(pretokenize.build_parser().parse_args(args))
+    return str(out)
+
+
 def by_step(metrics: list[dict], key: str) -> dict[int, float]:
     return {m["step"]: m[key] for m in metrics if key in m}
 
