@@ -75,6 +75,7 @@ class TrainConfig:
     grad_clipping: float = _f(0.0, "clip the global gradient norm to this value; 0 disables (the paper never clips)")
     dtype: str = _f("auto", "bfloat16 = pure bf16 weights and optimizer states (the paper); float32; amp_bf16 = float32 master weights with bf16 autocast; auto = bfloat16 on a bf16 GPU, else float32", choices=("auto", "bfloat16", "float32", "amp_bf16"))
     activation_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    loss_chunk_tokens: int = _f(0, "compute lm_head and the cross-entropy over this many tokens at a time, so the fp32 logits of a whole micro-batch never exist (alphadecay/loss.py); 0 = the whole micro-batch at once")
     seed: int = _f(0, "seed of the model initialisation (the same on every rank)")
     device: str = _f("auto", "auto = this rank's GPU when there is one, else CPU", choices=("auto", "cpu", "cuda"))
     single_cuda: bool = _f(False, "accepted for compatibility: a one-process run never uses DDP")
@@ -285,6 +286,8 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--min_lr_ratio must be in [0, 1], got {config.min_lr_ratio}.")
     if config.weight_decay < 0 or config.grad_clipping < 0:
         raise UserError("--weight_decay and --grad_clipping must be >= 0.")
+    if config.loss_chunk_tokens < 0:
+        raise UserError(f"--loss_chunk_tokens must be >= 0 (0 = the whole micro-batch at once), got {config.loss_chunk_tokens}.")
     if config.gradient_accumulation is not None and config.gradient_accumulation <= 0:
         raise UserError(f"--gradient_accumulation must be positive, got {config.gradient_accumulation}.")
     if config.wd_min_ratio < 0 or config.wd_max_ratio < 0:

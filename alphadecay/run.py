@@ -22,6 +22,7 @@ from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_stat
 from alphadecay.config import TrainConfig
 from alphadecay.diagnostics import ScalingDiagnostics
 from alphadecay.errors import UserError
+from alphadecay.loss import CausalLMLoss
 from alphadecay.metrics import MetricsLogger
 from alphadecay.model import build_model, count_parameters, load_model_config
 from alphadecay.optim import build_optimizer
@@ -57,6 +58,18 @@ def resolve_dtype(config: TrainConfig, device: torch.device) -> tuple[torch.dtyp
         name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     return {"bfloat16": (torch.bfloat16, False), "float32": (torch.float32, False),
             "amp_bf16": (torch.float32, True)}[name]
+
+
+def wrap_model(raw_model: torch.nn.Module, config: TrainConfig, info: dist.DistInfo) -> torch.nn.Module:
+    """The module the trainer runs: CausalLMLoss(raw_model) (--loss_chunk_tokens), DDP over several processes.
+
+    DDP wraps the model together with its loss, so its gradient hooks cover the head when the loss computes the
+    head's gradient itself (chunked). Checkpoints, evaluation and the spectral passes use the raw model."""
+    model: torch.nn.Module = CausalLMLoss(raw_model, config.loss_chunk_tokens)
+    if info.distributed:
+        model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    return model
 
 
 def resolve_run_dir(config: TrainConfig, info: dist.DistInfo, checkpoint: str | None) -> str:
@@ -167,15 +180,13 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                    f"tokens; every evaluation uses all of it")
     probes = ([ScalingDiagnostics.from_eval_batches(config.diagnostics_every, eval_batches, info.device)]
               if config.diagnostics_every else [])
-    model = raw_model
-    if info.distributed:
-        model = DistributedDataParallel(raw_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+    model = wrap_model(raw_model, config, info)
     logger = start_logging(config, info, run_dir, raw_model, optimizer, inputs, state.step, saved)
     autocast = (torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast
                 else contextlib.nullcontext())
+    speed = f", loss over {config.loss_chunk_tokens}-token chunks" if config.loss_chunk_tokens else ""
     log0(info, f"model {count_parameters(raw_model) / 1e6:.2f}M parameters, {dtype}"
-               f"{' + bf16 autocast' if use_autocast else ''} on {info.device} x {info.world_size}; weight decay: "
+               f"{' + bf16 autocast' if use_autocast else ''}{speed} on {info.device} x {info.world_size}; weight decay: "
                f"{config.wd_method()}; {total_steps} updates of {config.total_batch_size} x {config.max_length} tokens "
                f"(accumulation {inputs.grad_accum}); run directory {run_dir}")
     return Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,

@@ -29,6 +29,7 @@ from alphadecay import dist
 from alphadecay.checkpoint import rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
 from alphadecay.data import IGNORE_INDEX, Prefetcher
+from alphadecay.loss import CausalLMLoss
 from alphadecay.optim import lr_factor, set_learning_rate
 from alphadecay.param_groups import apply_multipliers, mean_weight_decay
 
@@ -81,6 +82,9 @@ class Trainer:
                  eval_batches: list[dict[str, torch.Tensor]], logger, run_dir: str, total_steps: int,
                  grad_accum: int, autocast: contextlib.AbstractContextManager, state: TrainState,
                  probes: list | None = None):
+        if model is raw_model:
+            raise TypeError("Trainer: `model` is the module train_step runs, forward(input_ids, labels) -> token-loss "
+                            "sum (alphadecay.loss.CausalLMLoss, possibly compiled/DDP-wrapped), not the raw model")
         self.config, self.info, self.model, self.raw_model = config, info, model, raw_model
         self.optimizer, self.wd_scheduler, self.logger = optimizer, wd_scheduler, logger
         self.train_batches, self.eval_batches, self.run_dir = train_batches, eval_batches, run_dir
@@ -97,8 +101,11 @@ class Trainer:
     def for_updates(cls, config: TrainConfig, info: dist.DistInfo, model: torch.nn.Module, optimizer, wd_scheduler,
                     raw_model: torch.nn.Module | None = None) -> Trainer:
         """A trainer that only runs `train_step` on batches it is given: no data, evaluation, logging or saving
-        (for tests and benchmarks)."""
-        return cls(config=config, info=info, model=model, raw_model=raw_model or model, optimizer=optimizer,
+        (for tests and benchmarks). `model` is the raw model (then wrapped in CausalLMLoss with
+        --loss_chunk_tokens), or, with `raw_model` given, the module train_step runs."""
+        if raw_model is None or model is raw_model:
+            raw_model, model = model, CausalLMLoss(model, config.loss_chunk_tokens)
+        return cls(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
                    wd_scheduler=wd_scheduler, train_batches=None, eval_batches=[], logger=None, run_dir="",
                    total_steps=0, grad_accum=1, autocast=contextlib.nullcontext(), state=TrainState())
 
@@ -115,8 +122,8 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1 or not self.info.distributed
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
-                micro_loss = token_loss_sum(self.model, batch["input_ids"].to(device, non_blocking=True),
-                                            batch["labels"].to(device, non_blocking=True))
+                micro_loss = self.model(batch["input_ids"].to(device, non_blocking=True),
+                                        batch["labels"].to(device, non_blocking=True))
             (micro_loss * scale).backward()
             loss_sum += micro_loss.detach().double()
         wd_metrics: dict = {}
