@@ -75,6 +75,7 @@ class TrainConfig:
     grad_clipping: float = _f(0.0, "clip the global gradient norm to this value; 0 disables (the paper never clips)")
     dtype: str = _f("auto", "bfloat16 = pure bf16 weights and optimizer states (the paper); float32; amp_bf16 = float32 master weights with bf16 autocast; auto = bfloat16 on a bf16 GPU, else float32", choices=("auto", "bfloat16", "float32", "amp_bf16"))
     activation_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    compile: str = _f("auto", "torch.compile the model with its loss (alphadecay/loss.py): auto = on CUDA, off on CPU; checkpoints, evaluation and the spectral passes use the uncompiled model", choices=("auto", "true", "false"))
     loss_chunk_tokens: int = _f(0, "compute lm_head and the cross-entropy over this many tokens at a time, so the fp32 logits of a whole micro-batch never exist (alphadecay/loss.py); 0 = the whole micro-batch at once")
     seed: int = _f(0, "seed of the model initialisation (the same on every rank)")
     device: str = _f("auto", "auto = this rank's GPU when there is one, else CPU", choices=("auto", "cpu", "cuda"))

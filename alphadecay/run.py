@@ -7,7 +7,9 @@ built, so a bad input costs seconds, not a training run.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -60,12 +62,36 @@ def resolve_dtype(config: TrainConfig, device: torch.device) -> tuple[torch.dtyp
             "amp_bf16": (torch.float32, True)}[name]
 
 
-def wrap_model(raw_model: torch.nn.Module, config: TrainConfig, info: dist.DistInfo) -> torch.nn.Module:
-    """The module the trainer runs: CausalLMLoss(raw_model) (--loss_chunk_tokens), DDP over several processes.
+def resolve_compile(config: TrainConfig, device: torch.device) -> bool:
+    """--compile: auto = on CUDA, off on CPU. Checks that the compiler backend has what it needs (a C++ compiler on
+    CPU, triton on CUDA), so a missing one is a clear error now rather than a traceback at the first update."""
+    if config.compile == "false" or (config.compile == "auto" and device.type != "cuda"):
+        return False
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UserError("--compile needs triton on CUDA (it ships with the CUDA builds of torch); install it or add "
+                        "--compile false.")
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX", "g++")
+        if shutil.which(compiler) is None:
+            raise UserError(f"--compile true on CPU needs a C++ compiler ({compiler}, or $CXX); install one or add "
+                            "--compile false.")
+    return True
+
+
+def wrap_model(raw_model: torch.nn.Module, config: TrainConfig, info: dist.DistInfo, *,
+               compile: bool) -> torch.nn.Module:
+    """The module the trainer runs: CausalLMLoss(raw_model) (--loss_chunk_tokens), torch.compile'd (--compile), then
+    DDP over several processes.
 
     DDP wraps the model together with its loss, so its gradient hooks cover the head when the loss computes the
-    head's gradient itself (chunked). Checkpoints, evaluation and the spectral passes use the raw model."""
+    head's gradient itself (chunked). DDP wraps the compiled module (as nanoGPT does): DDP's forward marks itself
+    active, and dynamo then splits the compiled graph at DDP's bucket boundaries (DDPOptimizer), so gradient
+    all-reduces still overlap the backward pass. Checkpoints, evaluation and the spectral passes use the raw model,
+    so checkpoint keys never carry a compiled module's `_orig_mod.` prefix and a run resumes with or without
+    --compile whichever way it was saved."""
     model: torch.nn.Module = CausalLMLoss(raw_model, config.loss_chunk_tokens)
+    if compile:
+        model = torch.compile(model)
     if info.distributed:
         model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                                         broadcast_buffers=False)
@@ -148,6 +174,7 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     inputs = check_inputs(config, info)
     run_dir = resolve_run_dir(config, info, inputs.checkpoint)
     dtype, use_autocast = resolve_dtype(config, info.device)
+    use_compile = resolve_compile(config, info.device)
     total_steps = config.train_steps()
 
     weights, saved = load_checkpoint(inputs.checkpoint) if inputs.checkpoint else (None, None)
@@ -180,11 +207,12 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                    f"tokens; every evaluation uses all of it")
     probes = ([ScalingDiagnostics.from_eval_batches(config.diagnostics_every, eval_batches, info.device)]
               if config.diagnostics_every else [])
-    model = wrap_model(raw_model, config, info)
+    model = wrap_model(raw_model, config, info, compile=use_compile)
     logger = start_logging(config, info, run_dir, raw_model, optimizer, inputs, state.step, saved)
     autocast = (torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast
                 else contextlib.nullcontext())
-    speed = f", loss over {config.loss_chunk_tokens}-token chunks" if config.loss_chunk_tokens else ""
+    speed = (", compiled" if use_compile else "") + (f", loss over {config.loss_chunk_tokens}-token chunks"
+                                                      if config.loss_chunk_tokens else "")
     log0(info, f"model {count_parameters(raw_model) / 1e6:.2f}M parameters, {dtype}"
                f"{' + bf16 autocast' if use_autocast else ''}{speed} on {info.device} x {info.world_size}; weight decay: "
                f"{config.wd_method()}; {total_steps} updates of {config.total_batch_size} x {config.max_length} tokens "
