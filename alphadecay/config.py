@@ -115,6 +115,7 @@ class TrainConfig:
     eval_every: int = _f(100, "evaluate every this many updates (and at the end)", group="evaluation, logging, checkpoints")
     target_eval_tokens: int = _f(10_000_000, "validation tokens per evaluation (the same subset every time)", group="evaluation, logging, checkpoints")
     log_every: int = _f(1, "log training metrics every this many updates", group="evaluation, logging, checkpoints")
+    peak_tflops: Optional[float] = _f(None, "the device's peak dense bf16 TFLOP/s for the logged mfu (CUDA only); default: looked up from the GPU's name (A100, H100, H200), mfu omitted for other GPUs", group="evaluation, logging, checkpoints")
     save_every: int = _f(10000, "checkpoint every this many updates (and at the end)", group="evaluation, logging, checkpoints")
     save_dir: Optional[str] = _f(None, "run directory (checkpoints, metrics.jsonl, wandb); default checkpoints/<config>-<time>-<wandb_name>", group="evaluation, logging, checkpoints")
     continue_from: Optional[str] = _f(None, "resume from a checkpoint directory (model_<step>) or a run directory (its latest checkpoint)", group="evaluation, logging, checkpoints")
@@ -289,6 +290,8 @@ def validate(config: TrainConfig) -> None:
         raise UserError("--weight_decay and --grad_clipping must be >= 0.")
     if config.loss_chunk_tokens < 0:
         raise UserError(f"--loss_chunk_tokens must be >= 0 (0 = the whole micro-batch at once), got {config.loss_chunk_tokens}.")
+    if config.peak_tflops is not None and not (math.isfinite(config.peak_tflops) and config.peak_tflops > 0):
+        raise UserError(f"--peak_tflops must be a positive number of TFLOP/s (e.g. 989 for an H100), got {config.peak_tflops}.")
     if config.gradient_accumulation is not None and config.gradient_accumulation <= 0:
         raise UserError(f"--gradient_accumulation must be positive, got {config.gradient_accumulation}.")
     if config.wd_min_ratio < 0 or config.wd_max_ratio < 0:

@@ -30,6 +30,7 @@ from alphadecay.checkpoint import rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
 from alphadecay.data import IGNORE_INDEX, Prefetcher
 from alphadecay.loss import CausalLMLoss
+from alphadecay.mfu import device_peak_flops, llama_flops_per_token, throughput_metrics
 from alphadecay.optim import lr_factor, set_learning_rate
 from alphadecay.param_groups import apply_multipliers, mean_weight_decay
 
@@ -96,6 +97,10 @@ class Trainer:
         self.data_state: dict | None = None
         self.grad_norm: torch.Tensor | None = None  # before clipping, when --grad_clipping > 0
         self.last_loss: float | None = None  # the last logged training loss, for the console
+        # For tokens_per_s_per_device and mfu (CUDA only; alphadecay/mfu.py).
+        llama = getattr(getattr(raw_model, "config", None), "model_type", None) == "llama"
+        self.flops_per_token = llama_flops_per_token(raw_model.config, config.max_length) if llama else None
+        self.peak_flops = device_peak_flops(info.device, config.peak_tflops)
 
     @classmethod
     def for_updates(cls, config: TrainConfig, info: dist.DistInfo, model: torch.nn.Module, optimizer, wd_scheduler,
@@ -161,6 +166,7 @@ class Trainer:
                 window["loss"] += loss_sum
                 window["targets"] += targets
                 window["tokens"] += tokens
+                window["positions"] += sum(b["input_ids"].numel() for b, _ in micro)  # this rank's, pads included
                 window["time"] += elapsed
                 done = self.state.step == self.total_steps
                 if self.state.step % config.log_every == 0 or done:
@@ -188,7 +194,7 @@ class Trainer:
     def _empty_window(self) -> dict:
         """Sums over the updates since the last training log line."""
         return {"loss": torch.zeros((), dtype=torch.float64, device=self.info.device), "targets": 0, "tokens": 0,
-                "time": 0.0}
+                "positions": 0, "time": 0.0}
 
     def _log_train(self, window: dict, lr: float, bar, extra: dict) -> None:
         loss_sum = dist.all_reduce_sum(window["loss"].clone()).item()
@@ -198,6 +204,9 @@ class Trainer:
                    "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
         if self.grad_norm is not None:
             metrics["grad_norm"] = self.grad_norm.item()
+        if self.info.device.type == "cuda":
+            metrics.update(throughput_metrics(positions=window["positions"], seconds=window["time"],
+                                              flops_per_token=self.flops_per_token, peak_flops=self.peak_flops))
         metrics.update(extra)
         self.logger.log(metrics, step=self.state.step)
         self.last_loss = loss
