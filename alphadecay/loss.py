@@ -72,12 +72,17 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             logits = _upcast(h @ weight.t())  # (n, V): the only logits alive
             valid = t != IGNORE_INDEX
             safe = torch.where(valid, t, 0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=1)
-            loss += ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+            target_logit = logits.gather(1, safe).squeeze(1)
+            # log-sum-exp as torch.logsumexp computes it, but in place: no second (n, V) buffer.
+            row_max = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(row_max).exp_()
+            sum_exp = exp.sum(dim=1, keepdim=True)
+            lse = (row_max + sum_exp.log()).squeeze(1)
+            loss += ((lse - target_logit) * valid).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
             # d loss / d logits = softmax - one-hot, zero where there is no target; in place on the logits.
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()
+            grad = exp.div_(sum_exp)
             grad.scatter_add_(1, safe, -torch.ones_like(safe, dtype=grad.dtype))
             grad.mul_(valid.unsqueeze(1))
             grad = grad.to(hidden.dtype)
