@@ -61,11 +61,11 @@ def test_chunked_loss_holds_less_cuda_memory_at_the_60m_vocabulary():
     assert chunked < 0.5 * full
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
-def test_compiled_updates_match_eager_on_cuda(dtype, tolerance):
+def test_compiled_updates_match_eager_on_cuda():
+    """Pure bf16, the shapes of tests/conftest.py's train_args, so inductor's cache serves the CLI runs below."""
     def losses(compiled: bool) -> list[float]:
         config, _ = parse_args(["--model_config", TINY_CONFIG, "--optimizer", "adamw", "--lr", "3e-3"])
-        raw = build_model(load_model_config(TINY_CONFIG), seed=0).to(CUDA, dtype)
+        raw = build_model(load_model_config(TINY_CONFIG), seed=0).to(CUDA, torch.bfloat16)
         optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, CUDA)
         info = dist.DistInfo(0, 0, 1, CUDA)
         trainer = Trainer.for_updates(config, info, wrap_model(raw, config, info, compile=compiled), optimizer,
@@ -79,13 +79,13 @@ def test_compiled_updates_match_eager_on_cuda(dtype, tolerance):
 
     eager, compiled = losses(False), losses(True)
     assert eager[-1] < eager[0]
-    assert compiled == pytest.approx(eager, abs=tolerance, rel=0)
+    assert compiled == pytest.approx(eager, abs=3e-2, rel=0)  # bf16: fused kernels round differently
 
 
 def test_a_cuda_run_compiles_by_default_and_logs_mfu(tmp_path, capsys):
     assert run_main(train_args(tmp_path, device="cuda", dtype="bfloat16", num_training_steps=4, eval_every=4,
-                               save_every=4, loss_chunk_tokens=64, peak_tflops=100)) == 0
-    assert ", compiled, loss over 64-token chunks" in capsys.readouterr().out
+                               save_every=4, peak_tflops=100)) == 0
+    assert "bfloat16, compiled on cuda" in capsys.readouterr().out
     metrics = read_metrics(tmp_path)
     mfu = by_step(metrics, "mfu")
     per_device = by_step(metrics, "tokens_per_s_per_device")
