@@ -43,9 +43,13 @@ def shift_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def _upcast_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precisions; float32 and float64 stay as they are."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision inputs; float32 and float64 stay as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return x.to(_upcast_dtype(x.dtype))
 
 
 def full_token_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,11 +66,10 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         # hidden (N, H) and weight (V, H) in the model's dtype; targets (N,) with IGNORE_INDEX where no target.
-        acc_dtype = _upcast(torch.empty((), dtype=hidden.dtype)).dtype
-        loss = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        loss = torch.zeros((), dtype=_upcast_dtype(hidden.dtype), device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                                   device=weight.device) if ctx.needs_input_grad[1] else None)
+        grad_weight = (torch.zeros(weight.shape, dtype=_upcast_dtype(weight.dtype), device=weight.device)
+                       if ctx.needs_input_grad[1] else None)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = _upcast(h @ weight.t())  # (n, V): the only logits alive
@@ -112,7 +115,7 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _ChunkedHeadCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
-    loss = torch.zeros((), dtype=_upcast(torch.empty((), dtype=hidden.dtype)).dtype, device=hidden.device)
+    loss = torch.zeros((), dtype=_upcast_dtype(hidden.dtype), device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_tokens):
         logits = _upcast(hidden[start:start + chunk_tokens] @ weight.t())
         loss += F.cross_entropy(logits, targets[start:start + chunk_tokens], ignore_index=IGNORE_INDEX,
