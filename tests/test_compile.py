@@ -21,7 +21,7 @@ from alphadecay.run import resolve_compile, wrap_model
 from alphadecay.trainer import Trainer
 from baselines.uniform import Uniform
 from tests.conftest import TINY_CONFIG, by_step, free_port, read_metrics, run_main, train_args
-from tests.test_training import make_rows, one_update
+from tests.test_training import make_rows
 
 CPU1 = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -74,6 +74,21 @@ def test_checkpoints_of_compiled_runs_resume_without_compile_and_back(tmp_path):
         assert [tail[s] for s in (3, 4)] == pytest.approx([full[s] for s in (3, 4)], abs=1e-4, rel=0)
 
 
+def one_update_with_gradient_sized_steps(micro, info, compiled):
+    """Parameters after one AdamW update with eps 1, i.e. a step of about lr * g: HF's float64 model runs its norms
+    and rotary embeddings in float32, so compiled gradients differ from eager ones at the 1e-7 level, and the
+    default eps would turn that into sign flips, g / (|g| + 1e-8), on gradients near zero."""
+    config, _ = parse_args(["--optimizer", "adamw", "--weight_decay", "0.1", "--lr", "1e-2", "--adam_eps", "1",
+                            "--model_config", TINY_CONFIG])
+    raw = build_model(load_model_config(TINY_CONFIG), seed=0).double()
+    optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, info.device)
+    trainer = Trainer.for_updates(config, info, wrap_model(raw, config, info, compile=compiled), optimizer,
+                                  Uniform(), raw_model=raw)
+    loss_sum, targets, _, _, _ = trainer.train_step(1, micro)
+    loss = dist.all_reduce_sum(loss_sum.double().clone()).item() / targets
+    return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}
+
+
 def _compiled_ddp_worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -82,15 +97,8 @@ def _compiled_ddp_worker(rank, port, out):
     mine = slice(4 * rank, 4 * rank + 4)
     micro = [{"input_ids": input_ids[mine][i:i + 2], "labels": labels[mine][i:i + 2]} for i in (0, 2)]
     info = dist.DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
-    config, _ = parse_args(["--optimizer", "adamw", "--weight_decay", "0.1", "--lr", "1e-2",
-                            "--model_config", TINY_CONFIG])
-    raw = build_model(load_model_config(TINY_CONFIG), seed=0).double()
-    optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, info.device)
-    trainer = Trainer.for_updates(config, info, wrap_model(raw, config, info, compile=True), optimizer, Uniform(),
-                                  raw_model=raw)
-    loss_sum, targets, _, _, _ = trainer.train_step(1, micro)
-    loss = dist.all_reduce_sum(loss_sum.double().clone()).item() / targets
-    torch.save({"loss": loss, "params": raw.state_dict()}, os.path.join(out, f"rank{rank}.pt"))
+    loss, params = one_update_with_gradient_sized_steps(micro, info, compiled=True)
+    torch.save({"loss": loss, "params": params}, os.path.join(out, f"rank{rank}.pt"))
     torch_dist.destroy_process_group()
 
 
@@ -100,14 +108,13 @@ def test_compiled_ddp_with_accumulation_equals_one_eager_process(tmp_path):
     first of two micro-batches: the update equals one eager process on the same global batch."""
     mp.spawn(_compiled_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     input_ids, labels = make_rows()
-    loss, params = one_update([{"input_ids": input_ids, "labels": labels}], CPU1)
+    loss, params = one_update_with_gradient_sized_steps([{"input_ids": input_ids, "labels": labels}], CPU1,
+                                                        compiled=False)
     for rank in (0, 1):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        assert result["loss"] == pytest.approx(loss, rel=1e-9)
-        # Float64; compiled kernels round differently (~1e-16), which Adam's first step g / (|g| + eps) turns into
-        # up to ~3e-9 on parameters whose gradient is near eps (a few embedding rows).
-        for key in params:
-            torch.testing.assert_close(result["params"][key], params[key], rtol=1e-6, atol=1e-8)
+        assert result["loss"] == pytest.approx(loss, rel=1e-6)
+        for key, value in params.items():  # a step moves a parameter by up to ~1e-2 x 4 (the largest gradients)
+            torch.testing.assert_close(result["params"][key], value, rtol=0, atol=1e-7, msg=key)
 
 
 def test_compile_auto_is_off_on_cpu_and_a_missing_compiler_is_a_clear_error(monkeypatch):
