@@ -6,7 +6,7 @@
 #   a 200-update AlphaDecay run of llama_60m in bf16 on the shipped sample, whose loss must fall;
 # writes docs/perf/gpu-<device>.md and prints it (its first line: what ran, how long, whether every check passed).
 #
-#   benchmarks/gpu_check.sh                           # everything (designed for <= 8 min on one H100)
+#   benchmarks/gpu_check.sh                           # everything (meant for <= 8 min on one H100; untimed)
 #   benchmarks/gpu_check.sh --parts throughput,run     # some parts: tests, throughput, largest, esd, run
 #   benchmarks/gpu_check.sh --cpu-smoke               # every part reduced, on CPU (the test suite runs this)
 #   benchmarks/gpu_check.sh --peak_tflops 756         # MFU on a GPU missing from alphadecay/mfu.py's table
