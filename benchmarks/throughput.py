@@ -41,13 +41,16 @@ def sync(device: torch.device) -> None:
 
 
 def alternating(step_fns: dict, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per step of each function, after `warmup` untimed steps each; the timed steps alternate."""
+    """Median seconds per step of each function, after `warmup` untimed steps each; the timed steps alternate, and
+    each round starts with the next function, so none always runs right after the same one."""
     for fn in step_fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in step_fns}
-    for _ in range(steps):
-        for name, fn in step_fns.items():
+    names = list(step_fns)
+    for round_ in range(steps):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            fn = step_fns[name]
             sync(device)
             start = time.perf_counter()
             fn()
