@@ -83,6 +83,8 @@ class TrainConfig:
     grad_clipping: float = _f(0.0, "clip the global gradient norm to this value; 0 disables (the paper never clips)")
     dtype: str = _f("auto", "bfloat16 = pure bf16 weights and optimizer states (the paper); float32; amp_bf16 = float32 master weights with bf16 autocast; auto = bfloat16 on a GPU of compute capability >= 8.0 (Ampere or newer), else float32", choices=("auto", "bfloat16", "float32", "amp_bf16"))
     activation_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    compile: str = _f("auto", "torch.compile the model with its loss (alphadecay/loss.py): auto = on CUDA, off on CPU; checkpoints, evaluation and the spectral passes use the uncompiled model", choices=("auto", "true", "false"))
+    loss_chunk_tokens: int = _f(0, "compute lm_head and the cross-entropy over this many tokens at a time, so the fp32 logits of a whole micro-batch never exist (alphadecay/loss.py); 0 = the whole micro-batch at once")
     seed: int = _f(0, "seed of the model initialisation (the same on every rank)")
     device: str = _f("auto", "auto = this rank's GPU when there is one, else CPU", choices=("auto", "cpu", "cuda"))
     single_cuda: bool = _f(False, "accepted for compatibility: a one-process run never uses DDP")
@@ -127,6 +129,7 @@ class TrainConfig:
     target_eval_tokens: int = _f(10_000_000, "validation tokens per evaluation: the first rows of the split in source order whose real tokens reach this (the same rows every time, whatever the number of processes)", group="evaluation, logging, checkpoints")
     official_eval_rows: int = _f(512, "rows per batch of the official estimator eval_loss_official (sum of batch means / (batches + 1)): the official run's world size x per-GPU batch, 512 in every official script", group="evaluation, logging, checkpoints")
     log_every: int = _f(1, "log training metrics every this many updates", group="evaluation, logging, checkpoints")
+    peak_tflops: Optional[float] = _f(None, "the device's peak dense bf16 TFLOP/s for the logged mfu (CUDA only); default: looked up from the GPU's name (A100, H100, H200), mfu omitted for other GPUs", group="evaluation, logging, checkpoints")
     save_every: int = _f(10000, "checkpoint every this many updates (and at the end)", group="evaluation, logging, checkpoints")
     save_dir: Optional[str] = _f(None, "run directory (checkpoints, metrics.jsonl, wandb); default checkpoints/<config>-<time>-<wandb_name>", group="evaluation, logging, checkpoints")
     continue_from: Optional[str] = _f(None, "resume from a checkpoint directory (model_<step>) or a run directory (its latest checkpoint)", group="evaluation, logging, checkpoints")
@@ -299,6 +302,10 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--min_lr_ratio must be in [0, 1], got {config.min_lr_ratio}.")
     if config.weight_decay < 0 or config.grad_clipping < 0:
         raise UserError("--weight_decay and --grad_clipping must be >= 0.")
+    if config.loss_chunk_tokens < 0:
+        raise UserError(f"--loss_chunk_tokens must be >= 0 (0 = the whole micro-batch at once), got {config.loss_chunk_tokens}.")
+    if config.peak_tflops is not None and not (math.isfinite(config.peak_tflops) and config.peak_tflops > 0):
+        raise UserError(f"--peak_tflops must be a positive number of TFLOP/s (e.g. 989 for an H100), got {config.peak_tflops}.")
     if config.gradient_accumulation is not None and config.gradient_accumulation <= 0:
         raise UserError(f"--gradient_accumulation must be positive, got {config.gradient_accumulation}.")
     if config.wd_min_ratio < 0 or config.wd_max_ratio < 0:

@@ -31,7 +31,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from transformers.utils import logging as hf_logging
 
 from alphadecay import data, dist
@@ -40,19 +39,8 @@ from alphadecay.config import TrainConfig, _str2bool
 from alphadecay.data import IGNORE_INDEX
 from alphadecay.errors import UserError
 from alphadecay.esd_report import load_model
+from alphadecay.loss import row_loss_sums
 from alphadecay.model import cast_model
-
-
-def row_loss_sums(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the sum over target positions of the next-token cross-entropy (float64) and the number of
-    targets (int64). Full logits, upcast to float32 when they are bf16."""
-    logits = model(input_ids=input_ids).logits
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # shift the labels, not the (B, T, V) logits
-    losses = F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return losses.view(shifted.shape).double().sum(dim=1), (shifted != IGNORE_INDEX).sum(dim=1)
 
 
 def official_estimate(row_sums: torch.Tensor, row_counts: torch.Tensor, rows_per_batch: int) -> float:
@@ -69,10 +57,11 @@ def official_estimate(row_sums: torch.Tensor, row_counts: torch.Tensor, rows_per
 
 @torch.no_grad()
 def evaluate_rows(model: torch.nn.Module, rows: torch.Tensor, spec: data.RowSpec, *, info: dist.DistInfo,
-                  batch_size: int, official_eval_rows: int,
+                  batch_size: int, official_eval_rows: int, chunk_tokens: int = 0,
                   autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
     """eval_loss, eval_ppl, eval_loss_official, eval_ppl_official, eval_tokens of `model` (unwrapped, identical on
-    every rank) on `rows`; a collective call: every rank passes the same rows."""
+    every rank) on `rows`; a collective call: every rank passes the same rows. chunk_tokens > 0 computes the head
+    and the loss that many tokens at a time (--loss_chunk_tokens, `alphadecay.loss.row_loss_sums`)."""
     device, total = info.device, rows.shape[0]
     per_row = torch.zeros(2, total, dtype=torch.float64, device=device)  # summed loss, targets
     was_training = model.training
@@ -81,7 +70,8 @@ def evaluate_rows(model: torch.nn.Module, rows: torch.Tensor, spec: data.RowSpec
         for chunk in torch.arange(info.rank, total, info.world_size).split(batch_size):
             input_ids = rows[chunk].to(device).long()
             with autocast or contextlib.nullcontext():
-                sums, counts = row_loss_sums(model, input_ids, data.labels_for(input_ids, spec))
+                sums, counts = row_loss_sums(model, input_ids, data.labels_for(input_ids, spec),
+                                             chunk_tokens=chunk_tokens)
             per_row[:, chunk.to(device)] = torch.stack([sums, counts.double()])
     finally:
         model.train(was_training)

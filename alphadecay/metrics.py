@@ -1,7 +1,8 @@
 """Rank-0 logging: a JSON-lines file in the run directory, and wandb (offline unless the user says otherwise).
 
 metrics.jsonl holds one object per logged event, with the same keys wandb gets: `step` (updates completed) and,
-for training updates, `loss`, `lr`, `weight_decay`, `tokens_seen`, `tokens_per_s`; for evaluations `eval_loss`,
+for training updates, `loss`, `lr`, `weight_decay`, `tokens_seen`, `tokens_per_s` (and on CUDA
+`tokens_per_s_per_device` and, on a GPU of known peak, `mfu`: alphadecay/mfu.py); for evaluations `eval_loss`,
 `eval_ppl` (token-weighted) and `eval_loss_official`, `eval_ppl_official` (the official estimator); for
 module-wise decay passes `alpha/<module>` (or `<metric>/<module>`), `wd/<module>` and their summaries; for AWD
 `awd/lambda_t`, `awd/lambda_bar`; for the scaling-rule diagnostics `sigma_max/<module>`, `gain/attn/<layer>`,

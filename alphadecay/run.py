@@ -7,7 +7,9 @@ built, so a bad input costs seconds, not a training run.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from alphadecay.config import TrainConfig
 from alphadecay.diagnostics import ScalingDiagnostics
 from alphadecay.errors import UserError
 from alphadecay.evaluate import target_count
+from alphadecay.loss import CausalLMLoss
 from alphadecay.metrics import MetricsLogger
 from alphadecay.model import build_model, cast_model, count_parameters, load_model_config
 from alphadecay.optim import build_optimizer, resolve_optimizer_impl
@@ -63,6 +66,42 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, bool, s
     dtype, autocast = {"bfloat16": (torch.bfloat16, False), "float32": (torch.float32, False),
                        "amp_bf16": (torch.float32, True)}[name]
     return dtype, autocast, name
+
+
+def resolve_compile(config: TrainConfig, device: torch.device) -> bool:
+    """--compile: auto = on CUDA, off on CPU. Checks that the compiler backend has what it needs (a C++ compiler on
+    CPU, triton on CUDA), so a missing one is a clear error now rather than a traceback at the first update."""
+    if config.compile == "false" or (config.compile == "auto" and device.type != "cuda"):
+        return False
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UserError("--compile needs triton on CUDA (it ships with the CUDA builds of torch); install it or add "
+                        "--compile false.")
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX", "g++")
+        if shutil.which(compiler) is None:
+            raise UserError(f"--compile true on CPU needs a C++ compiler ({compiler}, or $CXX); install one or add "
+                            "--compile false.")
+    return True
+
+
+def wrap_model(raw_model: torch.nn.Module, config: TrainConfig, info: dist.DistInfo, *,
+               compile: bool) -> torch.nn.Module:
+    """The module the trainer runs: CausalLMLoss(raw_model) (--loss_chunk_tokens), torch.compile'd (--compile), then
+    DDP over several processes.
+
+    DDP wraps the model together with its loss, so its gradient hooks cover the head when the loss computes the
+    head's gradient itself (chunked). DDP wraps the compiled module (as nanoGPT does): DDP's forward marks itself
+    active, and dynamo then splits the compiled graph at DDP's bucket boundaries (DDPOptimizer), so gradient
+    all-reduces still overlap the backward pass. Checkpoints, evaluation and the spectral passes use the raw model,
+    so checkpoint keys never carry a compiled module's `_orig_mod.` prefix and a run resumes with or without
+    --compile whichever way it was saved."""
+    model: torch.nn.Module = CausalLMLoss(raw_model, config.loss_chunk_tokens)
+    if compile:
+        model = torch.compile(model)
+    if info.distributed:
+        model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    return model
 
 
 def resolve_run_dir(config: TrainConfig, info: dist.DistInfo, checkpoint: str | None) -> str:
@@ -170,6 +209,7 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     inputs = check_inputs(config, info)
     run_dir = resolve_run_dir(config, info, inputs.checkpoint)
     dtype, use_autocast, dtype_name = resolve_dtype(config.dtype, info.device)
+    use_compile = resolve_compile(config, info.device)
     total_steps = config.train_steps()
 
     weights, saved = load_checkpoint(inputs.checkpoint) if inputs.checkpoint else (None, None)
@@ -212,17 +252,16 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                    f"tokens; every evaluation uses all of it")
     probes = ([ScalingDiagnostics.from_eval_rows(config.diagnostics_every, eval_rows, inputs.spec, info.device)]
               if config.diagnostics_every else [])
-    model = raw_model
-    if info.distributed:
-        model = DistributedDataParallel(raw_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+    model = wrap_model(raw_model, config, info, compile=use_compile)
     run_provenance = provenance(config, info, grad_accum=inputs.grad_accum, dtype_name=dtype_name,
                                 optimizer_impl=optimizer_impl, eval_rows=eval_rows, spec=inputs.spec)
     logger = start_logging(config, info, run_dir, raw_model, optimizer, run_provenance, state.step, saved)
     autocast = (torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast
                 else contextlib.nullcontext())
+    speed = (", compiled" if use_compile else "") + (f", loss over {config.loss_chunk_tokens}-token chunks"
+                                                      if config.loss_chunk_tokens else "")
     log0(info, f"model {count_parameters(raw_model) / 1e6:.2f}M parameters, {dtype}"
-               f"{' + bf16 autocast' if use_autocast else ''} on {info.device} x {info.world_size}; optimizer "
+               f"{' + bf16 autocast' if use_autocast else ''}{speed} on {info.device} x {info.world_size}; optimizer "
                f"{config.optimizer} ({optimizer_impl} kernel, --optimizer_impl {config.optimizer_impl}); weight decay: "
                f"{config.wd_method()}; {total_steps} updates of {config.total_batch_size} x {config.max_length} tokens "
                f"(accumulation {inputs.grad_accum}); evaluation on {len(eval_rows):,} rows "

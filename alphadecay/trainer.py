@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from alphadecay import dist
@@ -29,6 +28,8 @@ from alphadecay.checkpoint import rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
 from alphadecay.data import IGNORE_INDEX, Prefetcher, RowSpec
 from alphadecay.evaluate import evaluate_rows
+from alphadecay.loss import CausalLMLoss
+from alphadecay.mfu import device_peak_flops, llama_flops_per_token, throughput_metrics
 from alphadecay.optim import lr_factor, set_learning_rate
 from alphadecay.param_groups import apply_multipliers, mean_weight_decay
 
@@ -39,16 +40,6 @@ class TrainState:
     tokens_seen: int = 0  # non-pad input tokens, all ranks
     train_time: float = 0.0  # seconds spent in updates (not evaluation or checkpointing)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def token_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over target positions of the next-token cross-entropy, in float32 or better (bf16 logits are upcast)."""
-    logits = model(input_ids=input_ids).logits
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
-    # Shift the labels, not the logits: slicing the (B, T, V) logits would copy them.
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def target_count(labels: torch.Tensor) -> int:
@@ -87,6 +78,9 @@ class Trainer:
                  eval_rows: torch.Tensor | None, row_spec: RowSpec | None, logger, run_dir: str, total_steps: int,
                  grad_accum: int, autocast: contextlib.AbstractContextManager, state: TrainState,
                  probes: list | None = None):
+        if model is raw_model:
+            raise TypeError("Trainer: `model` is the module train_step runs, forward(input_ids, labels) -> token-loss "
+                            "sum (alphadecay.loss.CausalLMLoss, possibly compiled/DDP-wrapped), not the raw model")
         self.config, self.info, self.model, self.raw_model = config, info, model, raw_model
         self.optimizer, self.wd_scheduler, self.logger = optimizer, wd_scheduler, logger
         self.train_batches, self.run_dir = train_batches, run_dir
@@ -100,13 +94,20 @@ class Trainer:
         self.data_state: dict | None = None
         self.grad_norm: torch.Tensor | None = None  # before clipping, when --grad_clipping > 0
         self.last_loss: float | None = None  # the last logged training loss, for the console
+        # For tokens_per_s_per_device and mfu (CUDA only; alphadecay/mfu.py).
+        llama = getattr(getattr(raw_model, "config", None), "model_type", None) == "llama"
+        self.flops_per_token = llama_flops_per_token(raw_model.config, config.max_length) if llama else None
+        self.peak_flops = device_peak_flops(info.device, config.peak_tflops)
 
     @classmethod
     def for_updates(cls, config: TrainConfig, info: dist.DistInfo, model: torch.nn.Module, optimizer, wd_scheduler,
                     raw_model: torch.nn.Module | None = None) -> Trainer:
         """A trainer that only runs `train_step` on batches it is given: no data, evaluation, logging or saving
-        (for tests and benchmarks)."""
-        return cls(config=config, info=info, model=model, raw_model=raw_model or model, optimizer=optimizer,
+        (for tests and benchmarks). `model` is the raw model (then wrapped in CausalLMLoss with
+        --loss_chunk_tokens), or, with `raw_model` given, the module train_step runs."""
+        if raw_model is None or model is raw_model:
+            raw_model, model = model, CausalLMLoss(model, config.loss_chunk_tokens)
+        return cls(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
                    wd_scheduler=wd_scheduler, train_batches=None, eval_rows=None, row_spec=None, logger=None,
                    run_dir="", total_steps=0, grad_accum=1, autocast=contextlib.nullcontext(), state=TrainState())
 
@@ -123,8 +124,8 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1 or not self.info.distributed
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
-                micro_loss = token_loss_sum(self.model, batch["input_ids"].to(device, non_blocking=True),
-                                            batch["labels"].to(device, non_blocking=True))
+                micro_loss = self.model(batch["input_ids"].to(device, non_blocking=True),
+                                        batch["labels"].to(device, non_blocking=True))
             (micro_loss * scale).backward()
             loss_sum += micro_loss.detach().double()
         wd_metrics: dict = {}
@@ -162,6 +163,7 @@ class Trainer:
                 window["loss"] += loss_sum
                 window["targets"] += targets
                 window["tokens"] += tokens
+                window["positions"] += sum(b["input_ids"].numel() for b, _ in micro)  # this rank's, pads included
                 window["time"] += elapsed
                 done = self.state.step == self.total_steps
                 if self.state.step % config.log_every == 0 or done:
@@ -189,7 +191,7 @@ class Trainer:
     def _empty_window(self) -> dict:
         """Sums over the updates since the last training log line."""
         return {"loss": torch.zeros((), dtype=torch.float64, device=self.info.device), "targets": 0, "tokens": 0,
-                "time": 0.0}
+                "positions": 0, "time": 0.0}
 
     def _log_train(self, window: dict, lr: float, bar, extra: dict) -> None:
         loss_sum = dist.all_reduce_sum(window["loss"].clone()).item()
@@ -201,6 +203,9 @@ class Trainer:
             metrics["grad_norm"] = self.grad_norm.item()
         if self.data_state and "epoch" in self.data_state:  # pretokenized data: passes over the train split
             metrics["epoch"] = self.data_state["epoch"]
+        if self.info.device.type == "cuda":
+            metrics.update(throughput_metrics(positions=window["positions"], seconds=window["time"],
+                                              flops_per_token=self.flops_per_token, peak_flops=self.peak_flops))
         metrics.update(extra)
         self.logger.log(metrics, step=self.state.step)
         self.last_loss = loss
@@ -213,7 +218,7 @@ class Trainer:
         (alphadecay/evaluate.py)."""
         return evaluate_rows(self.raw_model, self.eval_rows, self.row_spec, info=self.info,
                              batch_size=self.config.batch_size, official_eval_rows=self.config.official_eval_rows,
-                             autocast=self.autocast)
+                             chunk_tokens=self.config.loss_chunk_tokens, autocast=self.autocast)
 
     def evaluate_and_log(self) -> dict[str, float]:
         result = self.evaluate()

@@ -1,12 +1,16 @@
-"""Training throughput (tokens/s) of our update against a minimal baseline loop, measured in the same run.
+"""Training throughput (tokens/s) of our update against a minimal baseline loop, eager and compiled, same run.
 
     python benchmarks/throughput.py                       # llama_3m and llama_60m, CPU, float32, 8 x 256 tokens
+    python benchmarks/throughput.py --configs 3m --modes eager --loss_chunk_tokens 512
     python benchmarks/throughput.py --configs 130m --device cuda --dtype bfloat16 --batch_size 64
 
-Ours: `Trainer.train_step` (named per-module groups, token-weighted global loss, the weight-decay scheduler
-hook, AdamW). Baseline: the plainest loop (HF loss, `loss.backward()`, one-group AdamW). Both see the same
-random full rows (no padding), so tokens/s counts every position. The ratio ours/baseline shows what our loop
-costs on top of the model itself.
+Ours: `Trainer.train_step` (named per-module groups, token-weighted global loss through CausalLMLoss, the
+weight-decay scheduler hook, AdamW), eager and, with `--modes eager,compiled` (the default), torch.compile'd as
+`--compile true` does it (the first, untimed warm-up steps include the compilation). Baseline: the plainest loop
+(HF loss, `loss.backward()`, one-group AdamW, eager). All see the same random full rows (no padding), so tokens/s
+counts every position. The steps of the variants alternate (one step of each per round), so a change of load on
+the machine hits all of them alike; medians are reported. ours/baseline shows what our loop costs on top of the
+model itself (it should be >= 1 within noise); compiled/eager what torch.compile gives.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from alphadecay.config import parse_args  # noqa: E402
 from alphadecay.model import build_model, count_parameters, load_model_config  # noqa: E402
 from alphadecay.optim import build_optimizer  # noqa: E402
 from alphadecay.param_groups import build_param_groups  # noqa: E402
+from alphadecay.run import wrap_model  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
 from baselines.uniform import Uniform  # noqa: E402
 
@@ -35,21 +40,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step_fn, steps: int, warmup: int, device: torch.device) -> float:
-    """Median seconds per step after `warmup` untimed steps."""
-    for _ in range(warmup):
-        step_fn()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        step_fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def alternating(step_fns: dict, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per step of each function, after `warmup` untimed steps each; the timed steps alternate, and
+    each round starts with the next function, so none always runs right after the same one."""
+    for fn in step_fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in step_fns}
+    names = list(step_fns)
+    for round_ in range(steps):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            fn = step_fns[name]
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench(config_path: str, args, device: torch.device, dtype: torch.dtype) -> tuple[float, float, int]:
+def bench(config_path: str, args, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, float], int]:
     model_config = load_model_config(config_path)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model_config.vocab_size, (args.batch_size, args.max_length), generator=gen)
@@ -65,16 +75,17 @@ def bench(config_path: str, args, device: torch.device, dtype: torch.dtype) -> t
         baseline_opt.step()
         baseline_opt.zero_grad(set_to_none=True)
 
-    baseline = timed(baseline_step, args.steps, args.warmup, device)
-    del baseline_model, baseline_opt
-
-    config, _ = parse_args(["--optimizer", "adamw", "--weight_decay", "0.1", "--model_config", config_path])
-    raw = build_model(model_config, seed=0).to(device=device, dtype=dtype)
-    optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, device)
+    config, _ = parse_args(["--optimizer", "adamw", "--weight_decay", "0.1", "--model_config", config_path,
+                            "--loss_chunk_tokens", str(args.loss_chunk_tokens)])
     info = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=device)
-    trainer = Trainer.for_updates(config, info, raw, optimizer, Uniform())
-    ours = timed(lambda: trainer.train_step(1, [batch]), args.steps, args.warmup, device)
-    return baseline, ours, count_parameters(raw)
+    step_fns = {"baseline": baseline_step}
+    for mode in args.modes.split(","):
+        raw = build_model(model_config, seed=0).to(device=device, dtype=dtype)
+        optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, device)
+        model = wrap_model(raw, config, info, compile=mode == "compiled")
+        trainer = Trainer.for_updates(config, info, model, optimizer, Uniform(), raw_model=raw)
+        step_fns[mode] = lambda trainer=trainer: trainer.train_step(1, [batch])
+    return alternating(step_fns, args.steps, args.warmup, device), count_parameters(baseline_model)
 
 
 def main() -> None:
@@ -84,19 +95,28 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--modes", default="eager,compiled", help="our update's variants: eager and/or compiled")
+    parser.add_argument("--loss_chunk_tokens", type=int, default=0, help="ours: --loss_chunk_tokens")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    modes = args.modes.split(",")
+    if not set(modes) <= {"eager", "compiled"}:
+        parser.error(f"--modes: eager and/or compiled, got {args.modes!r}")
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{args.dtype}, batch {args.batch_size} x {args.max_length} tokens, median of {args.steps} steps")
-    print(f"{'config':<12} {'params':>8} {'baseline tok/s':>15} {'ours tok/s':>11} {'ours/baseline':>14}")
+          f"{args.dtype}, batch {args.batch_size} x {args.max_length} tokens, loss chunk {args.loss_chunk_tokens}, "
+          f"median of {args.steps} alternating steps after {args.warmup} warm-up steps")
+    header = f"{'config':<12} {'params':>8} {'baseline tok/s':>15}"
+    header += "".join(f" {f'ours {m} tok/s':>20} {f'{m}/baseline':>18}" for m in modes)
+    print(header + (f" {'compiled/eager':>15}" if len(modes) == 2 else ""))
     tokens = args.batch_size * args.max_length
     for size in args.configs.split(","):
-        baseline, ours, params = bench(f"configs/llama_{size}.json", args, device, dtype)
-        print(f"llama_{size:<6} {params / 1e6:>7.1f}M {tokens / baseline:>15,.0f} {tokens / ours:>11,.0f} "
-              f"{baseline / ours:>14.2f}")
+        seconds, params = bench(f"configs/llama_{size}.json", args, device, dtype)
+        row = f"llama_{size:<6} {params / 1e6:>7.1f}M {tokens / seconds['baseline']:>15,.0f}"
+        row += "".join(f" {tokens / seconds[m]:>20,.0f} {seconds['baseline'] / seconds[m]:>18.2f}" for m in modes)
+        print(row + (f" {seconds['eager'] / seconds['compiled']:>15.2f}" if len(modes) == 2 else ""))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from transformers import LlamaForCausalLM
 from alphadecay import dist
 from alphadecay.config import parse_args
 from alphadecay.data import IGNORE_INDEX
+from alphadecay.loss import CausalLMLoss
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
 from alphadecay.param_groups import build_param_groups
@@ -128,7 +129,7 @@ def one_update(micro_batches, info, ddp=False, optimizer_name="adamw"):
                             "--model_config", TINY_CONFIG])
     raw = build_model(load_model_config(TINY_CONFIG), seed=0).double()
     optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, info.device)
-    model = torch.nn.parallel.DistributedDataParallel(raw) if ddp else raw
+    model = torch.nn.parallel.DistributedDataParallel(CausalLMLoss(raw)) if ddp else raw
     trainer = Trainer.for_updates(config, info, model, optimizer, Uniform(), raw_model=raw)
     loss_sum, targets, _, _, _ = trainer.train_step(1, micro_batches)
     loss = dist.all_reduce_sum(loss_sum.double().clone()).item() / targets

@@ -1,0 +1,424 @@
+"""The measurements behind benchmarks/gpu_check.sh: one report of what this codebase does on a GPU.
+
+    benchmarks/gpu_check.sh                      # all parts on this machine's GPU -> docs/perf/gpu-<device>.md
+    benchmarks/gpu_check.sh --cpu-smoke          # every part reduced (tiny configs, a few updates) on CPU
+    benchmarks/gpu_check.sh --parts throughput,esd --out /tmp/perf
+
+Parts, in order (`--parts` picks some):
+- tests: the GPU-marked tests (`pytest -m gpu`: bf16 training, chunked loss, compiled updates, ESD on CUDA);
+- throughput: tokens/s per device, MFU and peak memory of `Trainer.train_step` (AdamW, Uniform decay, random full
+  rows) for llama_60m and llama_130m at the paper's micro-batches (512 and 256 rows of 256 tokens), pure bf16,
+  {eager, compiled} x {full, chunked loss}: WARMUP untimed updates (they include the compilation, reported as
+  warm-up seconds), then TIMED updates between two synchronisations;
+- largest: llama_1b at the largest micro-batch that fits, found by trying candidates downwards from an estimate
+  (gpu-and-data.md: ~0.58 GiB per row + ~12.5 GiB fixed for the full loss) and catching out-of-memory, eager, for
+  the full and the chunked loss; then its throughput as above with fewer timed updates;
+- esd: one AlphaDecay spectral pass (`esd.module_metrics` on the tuned Linears, median fit) on llama_130m and
+  llama_1b against the official computation (`esd.reference_module_metrics`: fp32 `svdvals` of every Linear, one
+  at a time, the official loop fits) on the same GPU and the same bf16 weights; fails if a tuned module's alpha
+  differs by more than 1e-4 (relative);
+- run: a 200-update AlphaDecay run of llama_60m in bf16 on the shipped sample through `torchrun_main.py` with
+  its defaults (so --compile auto compiles); fails unless the loss falls by more than 1 nat.
+The report's first line says what ran, on what, how long it took, and whether every check passed. The exit code
+is 1 if a check failed or a part raised, else 0. Out-of-memory in a throughput variant is a result, not a failure.
+
+--cpu-smoke runs the same code with llama_1m, micro-batches of 2-8 rows of 32 tokens, 1 + 2 updates, torch.compile
+with dynamo's `eager` backend (graph capture without inductor's C++ compilation, which takes minutes on a CPU)
+and an 8-update run, so that the script cannot rot before a GPU runs it (tests/test_gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from alphadecay import dist, esd  # noqa: E402
+from alphadecay.config import parse_args  # noqa: E402
+from alphadecay.metrics import read_metrics  # noqa: E402
+from alphadecay.mfu import device_peak_flops, llama_flops_per_token  # noqa: E402
+from alphadecay.model import build_model, load_model_config  # noqa: E402
+from alphadecay.optim import build_optimizer  # noqa: E402
+from alphadecay.param_groups import build_param_groups  # noqa: E402
+from alphadecay.run import wrap_model  # noqa: E402
+from alphadecay.trainer import Trainer  # noqa: E402
+from baselines.uniform import Uniform  # noqa: E402
+from esd_pass import max_rel_alpha_diff  # noqa: E402
+
+PARTS = ("tests", "throughput", "largest", "esd", "run")
+GPU_TESTS = ("tests/test_gpu.py", "tests/test_gpu_speed.py")
+ALPHA_TOLERANCE = 1e-4
+
+
+@dataclass
+class Plan:
+    """Sizes and counts of every part: the GPU check, or its CPU smoke reduction."""
+
+    device: torch.device
+    dtype: torch.dtype
+    compile_backend: str  # inductor on the GPU; dynamo's eager backend in the CPU smoke
+    max_length: int = 256
+    throughput: list[tuple[str, int]] = field(default_factory=lambda: [("60m", 512), ("130m", 256)])
+    chunk_tokens: int = 8192
+    warmup: int = 3
+    timed: int = 30
+    large: str = "1b"
+    large_timed: int = 10
+    large_candidates: tuple[int, ...] = (512, 384, 256, 192, 160, 128, 112, 96, 80, 64, 48, 32, 24, 16, 8, 4, 2, 1)
+    esd_configs: tuple[str, ...] = ("130m", "1b")
+    run_args: dict = field(default_factory=lambda: {
+        "model_config": "configs/llama_60m.json", "dtype": "bfloat16", "device": "cuda", "batch_size": 64,
+        "total_batch_size": 64, "max_length": 256, "num_training_steps": 200, "warmup_steps": 20, "lr": 1e-3,
+        "eval_every": 200, "log_every": 10, "target_eval_tokens": 200_000, "unbalancedWD_every": 50})
+    min_loss_drop: float = 1.0
+
+    @classmethod
+    def cpu_smoke(cls) -> Plan:
+        return cls(device=torch.device("cpu"), dtype=torch.float32, compile_backend="eager", max_length=32,
+                   throughput=[("1m", 4)], chunk_tokens=48, warmup=1, timed=2, large="1m", large_timed=2,
+                   large_candidates=(8, 4, 2), esd_configs=("1m",),
+                   run_args={"model_config": "configs/llama_1m.json", "dtype": "float32", "device": "cpu",
+                             "batch_size": 4, "total_batch_size": 8, "max_length": 64, "num_training_steps": 8,
+                             "warmup_steps": 2, "lr": 3e-3, "eval_every": 8, "log_every": 1,
+                             "target_eval_tokens": 4000, "unbalancedWD_every": 2, "shuffle_buffer": 64},
+                   min_loss_drop=0.0)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    torch._dynamo.reset()  # drop compiled graphs (and the weights they reference)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def config_path(size: str) -> str:
+    return str(REPO / "configs" / f"llama_{size}.json")
+
+
+def new_model(size: str, plan: Plan) -> torch.nn.Module:
+    """The config's model, initialised on the device itself (a 1B model initialises in seconds there, not on CPU)."""
+    with plan.device:
+        return build_model(load_model_config(config_path(size)), seed=0).to(dtype=plan.dtype)
+
+
+def gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.1f}"
+
+
+@dataclass
+class Measurement:
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    peak_bytes: float | None = None
+    warmup_s: float = 0.0
+    note: str = ""
+
+
+def measure_updates(size: str, micro_batch: int, *, compiled: bool, chunk: int, timed: int, plan: Plan,
+                    peak_flops: float | None) -> Measurement:
+    """tokens/s, MFU and peak memory of `timed` updates of one micro-batch after plan.warmup untimed ones."""
+    device = plan.device
+    args = ["--model_config", config_path(size), "--optimizer", "adamw", "--weight_decay", "0.1",
+            "--loss_chunk_tokens", str(chunk), "--max_length", str(plan.max_length)]
+    config, _ = parse_args(args)
+    info = dist.DistInfo(0, 0, 1, device)
+    raw = model = trainer = optimizer = ids = batch = None
+    free_memory(device)
+    try:
+        raw = new_model(size, plan)
+        optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, device)
+        model = wrap_model(raw, config, info, compile=False)
+        if compiled:  # what --compile true does (wrap_model), with the plan's backend
+            model = torch.compile(model, backend=plan.compile_backend)
+        trainer = Trainer.for_updates(config, info, model, optimizer, Uniform(), raw_model=raw)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, raw.config.vocab_size, (micro_batch, plan.max_length), generator=gen).to(device)
+        batch = [{"input_ids": ids, "labels": ids}]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(plan.warmup):
+            trainer.train_step(1, batch)
+        sync(device)
+        warmup_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(timed):
+            trainer.train_step(1, batch)
+        sync(device)
+        seconds = time.perf_counter() - start
+        rate = timed * ids.numel() / seconds
+        flops = llama_flops_per_token(raw.config, plan.max_length)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return Measurement(tokens_per_s=rate, mfu=flops * rate / peak_flops if peak_flops else None, peak_bytes=peak,
+                           warmup_s=warmup_s)
+    except Exception as err:  # noqa: BLE001 - out of memory is a result; anything else is re-raised
+        if not is_oom(err):
+            raise
+        return Measurement(note="out of memory")
+    finally:
+        del raw, model, trainer, optimizer, ids, batch
+        free_memory(device)
+
+
+def largest_fitting(fits: Callable[[int], bool], candidates: list[int]) -> tuple[int | None, list[str]]:
+    """The first candidate (in the given, descending order) for which fits(candidate) is true, and a log of the
+    tries ('128 oom', '96 ok')."""
+    tried = []
+    for candidate in candidates:
+        ok = fits(candidate)
+        tried.append(f"{candidate} {'ok' if ok else 'oom'}")
+        if ok:
+            return candidate, tried
+    return None, tried
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+# -- parts -------------------------------------------------------------------------------------------------------------
+class Report:
+    def __init__(self) -> None:
+        self.sections: list[str] = []
+        self.failures: list[str] = []
+        self.durations: dict[str, float] = {}
+
+    def add(self, text: str) -> None:
+        self.sections.append(text.rstrip() + "\n")
+
+    def fail(self, message: str) -> None:
+        self.failures.append(message)
+
+
+def part_tests(plan: Plan, report: Report) -> None:
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    summary = lines[-1].strip("= ") if lines else "(no output)"
+    report.add(f"## GPU tests\n\n`{' '.join(['pytest', '-m', 'gpu', *GPU_TESTS])}`: {summary}")
+    if done.returncode not in (0, 5):  # 5: nothing collected/selected
+        failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+        report.add("```\n" + "\n".join(failed[:20] or lines[-30:]) + "\n```")
+        report.fail(f"GPU tests: {summary}")
+
+
+def part_throughput(plan: Plan, report: Report, peak_flops: float | None) -> None:
+    rows = ["| config | micro-batch | compile | loss | tokens/s | MFU | peak memory GiB | warm-up s |",
+            "|---|---:|---|---|---:|---:|---:|---:|"]
+    for size, micro in plan.throughput:
+        for compiled in (False, True):
+            for chunk in (0, plan.chunk_tokens):
+                m = measure_updates(size, micro, compiled=compiled, chunk=chunk, timed=plan.timed, plan=plan,
+                                    peak_flops=peak_flops)
+                loss = f"chunked {chunk}" if chunk else "full"
+                rows.append(f"| {size} | {micro} | {'compiled' if compiled else 'eager'} | {loss} | "
+                            f"{fmt(m.tokens_per_s, ',.0f') if not m.note else m.note} | {fmt(m.mfu, '.1%')} | "
+                            f"{fmt(m.peak_bytes and m.peak_bytes / 2**30, '.1f')} | {m.warmup_s:.1f} |")
+    report.add(f"## Throughput, {plan.dtype}, sequence {plan.max_length}\n\n`Trainer.train_step` (AdamW, Uniform "
+               f"decay) on random full rows: {plan.warmup} warm-up updates (including compilation), then "
+               f"{plan.timed} timed. tokens/s per device; MFU from alphadecay/mfu.py (6 x matmul weights + 12 L T d); "
+               f"peak memory = torch.cuda.max_memory_allocated.\n\n" + "\n".join(rows))
+
+
+def part_largest(plan: Plan, report: Report, peak_flops: float | None) -> None:
+    size = plan.large
+    candidates = list(plan.large_candidates)
+    if plan.device.type == "cuda":  # start near the estimate, not at the top of the list
+        total_gib = torch.cuda.get_device_properties(plan.device).total_memory / 2**30
+        estimate = (total_gib - 12.5) / 0.58
+        candidates = [c for c in candidates if c <= 1.3 * estimate] or candidates[-1:]
+    rows = ["| loss | largest micro-batch | tries | tokens/s | MFU | peak memory GiB |", "|---|---:|---|---:|---:|---:|"]
+    for chunk in (0, plan.chunk_tokens):
+        def fits(micro: int) -> bool:
+            short = dataclasses.replace(plan, warmup=1)
+            return measure_updates(size, micro, compiled=False, chunk=chunk, timed=1, plan=short,
+                                   peak_flops=None).note != "out of memory"
+
+        micro, tried = largest_fitting(fits, candidates)
+        loss = f"chunked {chunk}" if chunk else "full"
+        if micro is None:
+            rows.append(f"| {loss} | none fits | {', '.join(tried)} | — | — | — |")
+            continue
+        m = measure_updates(size, micro, compiled=False, chunk=chunk, timed=plan.large_timed, plan=plan,
+                            peak_flops=peak_flops)
+        rows.append(f"| {loss} | {micro} | {', '.join(tried)} | {fmt(m.tokens_per_s, ',.0f') if not m.note else m.note}"
+                    f" | {fmt(m.mfu, '.1%')} | {fmt(m.peak_bytes and m.peak_bytes / 2**30, '.1f')} |")
+    report.add(f"## llama_{size} at the largest micro-batch that fits\n\nEager, {plan.dtype}, sequence "
+               f"{plan.max_length}; each try is one update; then {plan.large_timed} timed updates after "
+               f"{plan.warmup} warm-up.\n\n" + "\n".join(rows))
+
+
+def part_esd(plan: Plan, report: Report) -> None:
+    rows = ["| config | official: fp32 svdvals per matrix, serial, all 7L+1 Linears (s) | ours: module_metrics, "
+            "7L-1 tuned (s) | speed-up | max relative alpha difference |", "|---|---:|---:|---:|---:|"]
+    for size in plan.esd_configs:
+        model = new_model(size, plan)
+        weights = [(n, m.weight.detach()) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        tuned = weights[1:-1]  # official defaults: layer-0 q_proj and lm_head keep the base decay
+        esd.module_metrics(weights[:2])  # warm-up: solver handles, kernels
+        esd.reference_module_metrics(weights[:2])
+
+        def timed(fn):
+            sync(plan.device)
+            start = time.perf_counter()
+            out = fn()
+            sync(plan.device)
+            return time.perf_counter() - start, out
+
+        official_s, reference = timed(lambda: esd.reference_module_metrics(weights))
+        ours_s, ours = timed(lambda: esd.module_metrics(tuned))
+        diff = max_rel_alpha_diff(ours, reference)
+        rows.append(f"| {size} | {official_s:.2f} | {ours_s:.2f} | {official_s / ours_s:.1f}x | {diff:.1e} |")
+        if not diff <= ALPHA_TOLERANCE:
+            report.fail(f"esd {size}: alpha differs from the official computation by {diff:.1e} (> {ALPHA_TOLERANCE})")
+        del model, weights, tuned
+        free_memory(plan.device)
+    report.add(f"## One AlphaDecay spectral pass vs the official computation\n\nRandom-init weights in {plan.dtype} "
+               f"on {plan.device.type}, median fit, one pass each after a warm-up on two matrices.\n\n"
+               + "\n".join(rows))
+
+
+def part_run(plan: Plan, report: Report) -> None:
+    with tempfile.TemporaryDirectory(prefix="gpu_check_run-") as run_dir:
+        flags = {"dataset": "data/c4_sample", "tokenizer": "data/tokenizer", "optimizer": "adamw",
+                 "weight_decay": 0.1, "wd_scheduler": "alphadecay", "wd_max_ratio": 5, "save_every": 100_000,
+                 "wandb_mode": "disabled", "save_dir": run_dir, **plan.run_args}
+        argv = [str(REPO / "torchrun_main.py")] + [a for k, v in flags.items() for a in (f"--{k}", str(v))]
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        shown = "python torchrun_main.py " + " ".join(argv[1:]).replace(run_dir, "RUN_DIR")
+        if done.returncode != 0:
+            report.add(f"## 200-update AlphaDecay run\n\n`{shown}` exited with {done.returncode}:\n\n```\n"
+                       f"{(done.stdout + done.stderr)[-3000:]}\n```")
+            report.fail(f"run: exit code {done.returncode}")
+            return
+        metrics = read_metrics(run_dir)
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    passes = sum(1 for m in metrics if any(k.startswith("alpha/") for k in m))
+    first, last = train[0]["loss"], train[-1]["loss"]
+    fell = math.isfinite(last) and last < first - plan.min_loss_drop
+    speed = train[-1]
+    report.add(
+        f"## {plan.run_args['num_training_steps']}-update AlphaDecay run on the shipped sample\n\n`{shown}`\n\n"
+        f"| wall time (s, whole process) | loss at update {train[0]['step']} | loss at update {train[-1]['step']} | "
+        f"eval loss | AlphaDecay passes | tokens/s per device (last log) | MFU (last log) |\n"
+        f"|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"| {seconds:.0f} | {first:.3f} | {last:.3f} | {fmt(evals[-1]['eval_loss'] if evals else None, '.3f')} | "
+        f"{passes} | {fmt(speed.get('tokens_per_s_per_device'), ',.0f')} | {fmt(speed.get('mfu'), '.1%')} |\n\n"
+        f"Loss fell by more than {plan.min_loss_drop:g}: {'yes' if fell else 'NO'}.")
+    if not fell:
+        report.fail(f"run: the loss did not fall by more than {plan.min_loss_drop:g} ({first:.3f} -> {last:.3f})")
+
+
+# -- main ------------------------------------------------------------------------------------------------------------
+def device_label(plan: Plan) -> str:
+    return torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
+
+
+def provenance() -> str:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = " (uncommitted changes)" if git("status", "--porcelain") else ""
+    return (f"commit {commit}{dirty}; torch {torch.__version__}, CUDA {torch.version.cuda}; "
+            f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true", help="every part reduced, on CPU")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--out", default=None, help="report directory (default docs/perf; runs/gpu_check with "
+                                                      "--cpu-smoke)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the "
+                                                                           "table of alphadecay/mfu.py")
+    args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS):
+        parser.error(f"--parts: choose from {', '.join(PARTS)}; got {args.parts!r}")
+    if args.cpu_smoke:
+        plan = Plan.cpu_smoke()
+    elif not torch.cuda.is_available():
+        parser.error("no CUDA device: this check is for a GPU machine (--cpu-smoke runs its reduced form on CPU)")
+    else:
+        plan = Plan(device=torch.device("cuda", 0), dtype=torch.bfloat16, compile_backend="inductor")
+        torch.cuda.set_device(plan.device)
+    name = device_label(plan)
+    peak_flops = device_peak_flops(plan.device, args.peak_tflops)
+    out_dir = Path(args.out) if args.out else REPO / ("runs/gpu_check" if args.cpu_smoke else "docs/perf")
+    slug = "cpu-smoke" if args.cpu_smoke else "gpu-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    report = Report()
+    start = time.perf_counter()
+    for part in parts:
+        part_start = time.perf_counter()
+        print(f"[gpu_check] {part} ...", flush=True)
+        try:
+            if part == "tests":
+                part_tests(plan, report)
+            elif part == "throughput":
+                part_throughput(plan, report, peak_flops)
+            elif part == "largest":
+                part_largest(plan, report, peak_flops)
+            elif part == "esd":
+                part_esd(plan, report)
+            elif part == "run":
+                part_run(plan, report)
+        except Exception as err:  # noqa: BLE001 - one broken part must not hide the others' results
+            report.add(f"## {part}\n\nraised {type(err).__name__}: {err}")
+            report.fail(f"{part}: {type(err).__name__}: {err}")
+        finally:
+            free_memory(plan.device)
+        report.durations[part] = time.perf_counter() - part_start
+    total = time.perf_counter() - start
+    durations = ", ".join(f"{p} {s:.0f} s" for p, s in report.durations.items())
+    verdict = "all checks passed" if not report.failures else f"{len(report.failures)} check(s) FAILED"
+    mode = "gpu_check --cpu-smoke" if args.cpu_smoke else "gpu_check"
+    peak = f"{peak_flops / 1e12:g} TFLOP/s bf16 peak" if peak_flops else "peak unknown: no MFU"
+    lines = [f"{mode} on {name} ({peak}): {', '.join(parts)} in {total / 60:.1f} min ({durations}); {verdict}", "",
+             provenance(), ""]
+    if report.failures:
+        lines += ["Failed checks:", *[f"- {f}" for f in report.failures], ""]
+    text = "\n".join(lines) + "\n" + "\n".join(report.sections)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{slug}.md"
+    path.write_text(text)
+    print(text)
+    print(f"[gpu_check] report written to {path}")
+    return 0 if not report.failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
