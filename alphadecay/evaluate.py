@@ -33,7 +33,7 @@ import sys
 import torch
 from transformers.utils import logging as hf_logging
 
-from alphadecay import data, dist
+from alphadecay import data, dist, pretokenized
 from alphadecay.checkpoint import STATE_FILE, find_checkpoint
 from alphadecay.config import TrainConfig, _str2bool
 from alphadecay.data import IGNORE_INDEX
@@ -93,7 +93,7 @@ def target_count(rows: torch.Tensor, spec: data.RowSpec) -> int:
 # python -m alphadecay.evaluate PATH
 # ------------------------------------------------------------------------------------------------------------
 DATA_FLAGS = ("dataset", "dataset_config", "tokenizer", "max_length", "packing", "target_eval_tokens", "batch_size",
-              "official_eval_rows", "dtype")
+              "official_eval_rows", "dtype", "loss_chunk_tokens")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -148,6 +148,8 @@ def settings(args: argparse.Namespace, model_dir: str) -> dict:
     for name in ("max_length", "target_eval_tokens", "batch_size", "official_eval_rows"):
         if out[name] <= 0:
             raise UserError(f"--{name} must be positive, got {out[name]}.")
+    if out["loss_chunk_tokens"] < 0:
+        raise UserError(f"--loss_chunk_tokens must be >= 0 (0 = the whole batch at once), got {out['loss_chunk_tokens']}.")
     return out
 
 
@@ -166,13 +168,19 @@ def evaluate_path(args: argparse.Namespace, info: dist.DistInfo) -> dict:
         hf_logging.set_verbosity(verbosity)
     data.check_tokenizer_fits(tokenizer, model.config.vocab_size, flags["tokenizer"], model_dir)
     spec = data.RowSpec.from_tokenizer(tokenizer, flags["max_length"], flags["packing"])
-    files = data.list_shards(flags["dataset"], flags["dataset_config"], "validation")
+    if pretokenized.is_pretokenized(flags["dataset"]):  # rows made by python -m alphadecay.pretokenize
+        stored = pretokenized.open_dataset(flags["dataset"])
+        stored.check_matches(tokenizer, flags["tokenizer"], spec)
+        rows, exhausted = pretokenized.build_eval_rows(stored, spec, target_tokens=flags["target_eval_tokens"])
+    else:
+        files = data.list_shards(flags["dataset"], flags["dataset_config"], "validation")
+        rows, exhausted = data.build_eval_rows(files, tokenizer, spec, target_tokens=flags["target_eval_tokens"])
     dtype, use_autocast, dtype_name = resolve_dtype(flags["dtype"], info.device)
     cast_model(model, info.device, dtype)
-    rows, exhausted = data.build_eval_rows(files, tokenizer, spec, target_tokens=flags["target_eval_tokens"])
     autocast = torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast else None
     result = evaluate_rows(model, rows, spec, info=info, batch_size=flags["batch_size"],
-                           official_eval_rows=flags["official_eval_rows"], autocast=autocast)
+                           official_eval_rows=flags["official_eval_rows"], chunk_tokens=flags["loss_chunk_tokens"],
+                           autocast=autocast)
     return {**result, "eval_rows": int(rows.shape[0]), "exhausted": exhausted, "model": model_dir,
             **{k: v for k, v in flags.items() if k != "dtype"}, "dtype_resolved": dtype_name,
             "world_size": info.world_size}

@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 from alphadecay import data, dist
 from alphadecay.evaluate import evaluate_rows, main, official_estimate, row_loss_sums
 from alphadecay.model import build_model, load_model_config
-from tests.conftest import REPO, SAMPLE, TINY_CONFIG, TOKENIZER, free_port, read_metrics, run_main, train_args
+from tests.conftest import (REPO, SAMPLE, TINY_CONFIG, TOKENIZER, free_port, pretokenize_dir, read_metrics, run_main,
+                            train_args)
 
 SPEC = data.RowSpec(max_length=24, pad_id=0, eos_id=1, packing=False, appends_eos=True)
 CPU1 = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -138,3 +139,21 @@ def test_evaluate_under_torchrun_with_another_batch_size(trained_run, tmp_path):
 def test_evaluate_bad_path_is_a_user_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path}: neither a save_pretrained model directory")
+
+
+def test_evaluate_on_pretokenized_rows_equals_streaming_and_chunked_loss(trained_run, tmp_path):
+    """The same documents pretokenized give the same evaluation set, so the same values; a chunked head + loss
+    (--loss_chunk_tokens) changes only float rounding."""
+    run_dir, last = trained_run
+    stored = pretokenize_dir(tmp_path / "rows", max_length=64)
+    out = tmp_path / "eval.json"
+    assert main([str(run_dir), "--dataset", stored, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["eval_tokens"] == last["eval_tokens"]
+    for key in ("eval_loss", "eval_loss_official"):
+        assert result[key] == pytest.approx(last[key], rel=1e-6), key
+    assert main([str(run_dir), "--loss_chunk_tokens", "50", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["loss_chunk_tokens"] == 50 and result["eval_tokens"] == last["eval_tokens"]
+    for key in ("eval_loss", "eval_loss_official"):
+        assert result[key] == pytest.approx(last[key], rel=1e-6), key
