@@ -172,5 +172,5 @@ def test_the_trainer_refuses_the_raw_model_as_its_training_module():
     raw = tiny_model()
     with pytest.raises(TypeError, match="CausalLMLoss"):
         Trainer(config=config, info=CPU1, model=raw, raw_model=raw, optimizer=None, wd_scheduler=None,
-                train_batches=None, eval_batches=[], logger=None, run_dir="", total_steps=0, grad_accum=1,
+                train_batches=None, eval_rows=None, row_spec=None, logger=None, run_dir="", total_steps=0, grad_accum=1,
                 autocast=None, state=None)
