@@ -44,9 +44,8 @@ class MetricsLogger:
         """Drop events logged after the checkpoint we resume from: the resumed run logs them again."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as fh:
-            kept = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as fh:
+        kept = [json.dumps(event) + "\n" for event in read_metrics(self.path) if event.get("step", 0) <= step]
+        with open(self.path, "w") as fh:  # a half-written last line (a killed run) is dropped with the rest
             fh.writelines(kept)
 
     @staticmethod
