@@ -67,6 +67,16 @@ class ViTTrainer:
         self.global_batch = config.batch_size * config.update_freq * info.world_size
         self.stop = StopFlag()
 
+    @classmethod
+    def for_updates(cls, config: ViTConfig, info: dist.DistInfo, model: torch.nn.Module, raw_model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, wd_scheduler, criterion: torch.nn.Module) -> ViTTrainer:
+        """A trainer that only runs `update` on micro-batches it is given: no data, evaluation, logging or saving
+        (for tests and benchmarks). `model` is what the update runs (raw_model, or DDP around it)."""
+        return cls(config=config, info=info, model=model, raw_model=raw_model, ema=None, optimizer=optimizer,
+                   wd_scheduler=wd_scheduler, criterion=criterion, mixup=None, train_samples=None, val_samples=None,
+                   order=None, logger=None, run_dir="", updates_per_epoch=1, warmup_updates=0,
+                   autocast=contextlib.nullcontext(), state=ViTState())
+
     def lr_at(self, step: int) -> float:
         return self.config.lr * lr_factor(step, total_steps=self.total_updates, warmup_steps=self.warmup_updates,
                                           schedule="cosine", min_lr_ratio=self.config.min_lr_ratio())
