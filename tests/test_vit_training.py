@@ -165,6 +165,19 @@ def test_the_ema_follows_every_update(digits_subset, tmp_path, decay):
         assert evaluation["ema_top1"] == evaluation["top1"] and evaluation["ema_eval_loss"] == evaluation["eval_loss"]
 
 
+def test_eval_only_reproduces_a_checkpoints_evaluation_and_writes_nothing(digits_subset, tmp_path, capsys):
+    assert run_vit(vit_args(digits_subset, tmp_path, model_ema="true", model_ema_decay=0.5, model_ema_eval="true")) == 0
+    logged = next(e for e in read_metrics(tmp_path) if e["step"] == 10 and "top1" in e)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    capsys.readouterr()
+    assert run_vit(vit_args(digits_subset, tmp_path, model_ema="true", model_ema_eval="true", eval="true",
+                            resume=tmp_path / "model_10")) == 0
+    printed = capsys.readouterr().out
+    assert (f"epoch 1 (update 10): top-1 {logged['top1']:.2f}%, top-5 {logged['top5']:.2f}%, loss "
+            f"{logged['eval_loss']:.4f} on 20 val images; EMA top-1 {logged['ema_top1']:.2f}%") in printed
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
 def test_min_lr_is_a_ratio_by_default_and_absolute_with_the_switch(digits_subset, tmp_path):
     official, _ = parse_vit_args(["--data_path", "x"])
     assert official.lr * official.min_lr_ratio() == pytest.approx(4e-9)  # 4e-3 x 1e-6, as the official code

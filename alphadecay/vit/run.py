@@ -78,7 +78,11 @@ def resolve_output_dir(config: ViTConfig, info: dist.DistInfo) -> tuple[str, str
         raise UserError(f"--output_dir {run_dir} already holds checkpoints ({', '.join(existing)}); resume with "
                         f"--resume {run_dir} (or --auto_resume true), or choose another --output_dir.")
     if info.is_main:
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--output_dir {run_dir} cannot be created ({err.strerror}); give a writable directory "
+                            "(the official scripts' /home/hedi/... paths are the authors' own).") from None
     dist.barrier()
     return run_dir, checkpoint
 
@@ -94,13 +98,17 @@ def restore(checkpoint: str, saved: dict, layout: dict, *, optimizer, wd_schedul
     optimizer.load_state_dict(saved["optimizer"])
     wd_scheduler.load_state_dict(saved["wd_scheduler"])
     if ema is not None:
-        path = os.path.join(checkpoint, "model_ema.safetensors")
-        if not os.path.exists(path):
-            raise UserError(f"--resume {checkpoint} has no EMA weights (it was trained without --model_ema); resume "
-                            "it without --model_ema.")
-        ema.load_state_dict(load_file(path, device=str(next(ema.module.parameters()).device)))
+        load_ema(ema, checkpoint)
     set_rng_state(saved["rng"][info.rank])
     return ViTState(step=saved["step"], train_time=saved["train_time"], best=dict(saved["best"]))
+
+
+def load_ema(ema: ModelEma, checkpoint: str) -> None:
+    path = os.path.join(checkpoint, "model_ema.safetensors")
+    if not os.path.exists(path):
+        raise UserError(f"--resume {checkpoint} has no EMA weights (it was trained without --model_ema); resume it "
+                        "without --model_ema.")
+    ema.load_state_dict(load_file(path, device=str(next(ema.module.parameters()).device)))
 
 
 def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
@@ -126,7 +134,10 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
         start = time.perf_counter()
         check_images(train, val, config.data_path, info)
         log0(info, f"checked {len(train) + len(val):,} image headers in {time.perf_counter() - start:.1f} s")
-    run_dir, checkpoint = resolve_output_dir(config, info)
+    if config.eval:  # evaluate only: read --resume's checkpoint, write nothing anywhere
+        run_dir, checkpoint = "", find_checkpoint(config.resume) if config.resume else None
+    else:
+        run_dir, checkpoint = resolve_output_dir(config, info)
     weights, saved = load_checkpoint(checkpoint) if checkpoint else (None, None)
 
     # -- model, EMA, groups, optimizer, scheduler ------------------------------------------------------------------
@@ -151,10 +162,16 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
 
     trainer_layout = {"world_size": info.world_size, "batch_size": config.batch_size,
                       "update_freq": config.update_freq, "train_images": len(train), "seed": config.seed}
-    state = (restore(checkpoint, saved, trainer_layout, optimizer=optimizer, wd_scheduler=wd_scheduler, ema=ema,
-                     info=info) if saved else ViTState())
-    if saved:
+    if saved and config.eval:
+        state = ViTState(step=saved["step"])
+        if ema is not None:
+            load_ema(ema, checkpoint)
+    elif saved:
+        state = restore(checkpoint, saved, trainer_layout, optimizer=optimizer, wd_scheduler=wd_scheduler, ema=ema,
+                        info=info)
         log0(info, f"resuming {checkpoint} at update {state.step} (epoch {state.step / updates_per_epoch:g})")
+    else:
+        state = ViTState()
 
     # -- data, loss, logging ---------------------------------------------------------------------------------------
     dtype_name = config.resolved_dtype
@@ -166,7 +183,11 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
         "dtype_resolved": dtype_name, "optimizer_impl_resolved": optimizer_impl, "num_classes": num_classes,
         "train_images": len(train), "val_images": len(val), "updates_per_epoch": updates_per_epoch,
         "torch": torch.__version__, "pillow": PIL.__version__, "numpy": np.__version__, **where_it_ran(info)}
-    logger = start_logging(config, info, run_dir, raw_model, optimizer, run_provenance, state.step, saved)
+    if config.eval:
+        logger = MetricsLogger(run_dir, enabled=False, project=config.project, name=config.wandb_name, mode="disabled",
+                               config={})
+    else:
+        logger = start_logging(config, info, run_dir, raw_model, optimizer, run_provenance, state.step, saved)
     log0(info, f"model {config.model}: {count_parameters(raw_model) / 1e6:.2f}M parameters, {num_classes} classes, "
                f"{config.input_size} px, {dtype_name} on {info.device} x {info.world_size}; optimizer {config.optimizer} "
                f"({optimizer_impl} kernel); weight decay: {config.wd_method()}; {config.epochs} epochs x "
