@@ -259,7 +259,7 @@ def build_parser(config_cls: type[FlagConfig] = TrainConfig) -> argparse.Argumen
             kwargs["type"] = _optional(inner)
         else:
             kwargs["type"] = kind
-        kwargs["help"] += f" (default: {default})"
+        kwargs["help"] = f"{kwargs['help']} (default: {default})".replace("%", "%%")  # argparse %-formats help
         section.add_argument(f"--{f.name}", **kwargs)
     return parser
 
