@@ -58,8 +58,9 @@ def resolve_optimizer_impl(impl: str, optimizer: str, device: torch.device) -> s
 
 
 def build_optimizer(param_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    return make_optimizer(param_groups, name=config.optimizer, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                          eps=config.adam_eps, impl=config.optimizer_impl, device=device)
+    return make_optimizer(param_groups, name=config.optimizer, lr=config.lr,
+                          betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                          impl=config.optimizer_impl, device=device)
 
 
 def make_optimizer(param_groups: list[dict], *, name: str, lr: float, betas: tuple[float, float], eps: float,

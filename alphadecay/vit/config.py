@@ -207,7 +207,8 @@ def validate(config: ViTConfig, given: set[str]) -> None:
     if not 0 <= config.drop_path < 1 or not 0 <= config.smoothing < 1:
         raise UserError(f"--drop_path and --smoothing must be in [0, 1); got {config.drop_path}, {config.smoothing}.")
     if config.min_lr_absolute and config.min_lr > config.lr:
-        raise UserError(f"--min_lr_absolute: the final learning rate --min_lr {config.min_lr} exceeds --lr {config.lr}.")
+        raise UserError(f"--min_lr_absolute: the final learning rate --min_lr {config.min_lr} exceeds --lr "
+                        f"{config.lr}.")
     if not config.min_lr_absolute and config.min_lr > 1:
         raise UserError(f"--min_lr {config.min_lr} is read as a ratio of --lr (as the official code does) and must be "
                         "<= 1; add --min_lr_absolute to give the final learning rate itself.")

@@ -69,7 +69,8 @@ def resolve_output_dir(config: ViTConfig, info: dist.DistInfo) -> tuple[str, str
     elif checkpoint:
         run_dir = os.path.dirname(os.path.abspath(checkpoint))
     else:
-        run_dir = os.path.join("checkpoints", f"{config.model}-{time.strftime('%Y-%m-%d-%H-%M-%S')}-{config.wandb_name}")
+        stamp = time.strftime("%Y-%m-%d-%H-%M-%S")
+        run_dir = os.path.join("checkpoints", f"{config.model}-{stamp}-{config.wandb_name}")
     run_dir = dist.broadcast_object(run_dir)  # one name even when the ranks' clocks differ
     existing = sorted(d for d in os.listdir(run_dir) if d.startswith("model_")) if os.path.isdir(run_dir) else []
     if config.auto_resume and existing:
@@ -189,8 +190,8 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
     else:
         logger = start_logging(config, info, run_dir, raw_model, optimizer, run_provenance, state.step, saved)
     log0(info, f"model {config.model}: {count_parameters(raw_model) / 1e6:.2f}M parameters, {num_classes} classes, "
-               f"{config.input_size} px, {dtype_name} on {info.device} x {info.world_size}; optimizer {config.optimizer} "
-               f"({optimizer_impl} kernel); weight decay: {config.wd_method()}; {config.epochs} epochs x "
+               f"{config.input_size} px, {dtype_name} on {info.device} x {info.world_size}; optimizer "
+               f"{config.optimizer} ({optimizer_impl} kernel); weight decay: {config.wd_method()}; {config.epochs} epochs x "
                f"{updates_per_epoch} updates of {config.batch_size} x {config.update_freq} x {info.world_size} images "
                f"({len(train):,} train, {len(val):,} val); lr {config.lr:g}, warmup {warmup_updates} updates, final "
                f"lr {config.lr * config.min_lr_ratio():.3g}; run directory {run_dir}")
