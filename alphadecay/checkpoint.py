@@ -2,7 +2,8 @@
 
 Layout of `<save_dir>/model_<step>/` (step = updates completed):
 - the model in `save_pretrained` format (config.json + model.safetensors), loadable with
-  `LlamaForCausalLM.from_pretrained`;
+  `LlamaForCausalLM.from_pretrained`; a model without `save_pretrained` (the ViT) as its state_dict in
+  model.safetensors, and any extra weights (the ViT's EMA) as <name>.safetensors;
 - training_state.pt: optimizer (its param groups carry the current per-group decays), weight-decay scheduler
   state, step, tokens seen, every rank's data-stream position and RNG states, the wandb run id, the config;
 - training_state.json: the counters in readable form.
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from alphadecay.errors import UserError
 
@@ -31,14 +32,22 @@ def checkpoint_dir(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"model_{step}")
 
 
-def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, state: dict[str, Any]) -> str:
-    """Write model_<step> atomically; `state` is everything but the weights. Returns the directory."""
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, state: dict[str, Any],
+                    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
+    """Write model_<step> atomically; `state` is everything but the weights; `extra_weights` maps a file stem to a
+    state_dict saved beside the model. Returns the directory."""
     final = checkpoint_dir(run_dir, step)
     tmp = os.path.join(run_dir, f".tmp-model_{step}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        os.makedirs(tmp)
+        extra_weights = {"model": model.state_dict(), **(extra_weights or {})}
+    for stem, weights in (extra_weights or {}).items():
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, os.path.join(tmp, f"{stem}.safetensors"))
     torch.save(state, os.path.join(tmp, STATE_FILE))
-    readable = {k: state[k] for k in ("step", "tokens_seen", "train_time", "wandb_id") if k in state}
+    readable = {k: state[k] for k in ("step", "epoch", "tokens_seen", "train_time", "wandb_id") if k in state}
     with open(os.path.join(tmp, "training_state.json"), "w") as fh:
         json.dump(readable, fh, indent=2)
     if os.path.exists(final):

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from alphadecay.errors import UserError
+from alphadecay.schedulers import METHODS
 
-WD_SCHEDULERS = ("uniform", "awd", "adadecay", "alphadecay")
+WD_SCHEDULERS = tuple(METHODS)  # the weight-decay methods' registry (alphadecay/schedulers.py)
 ESD_METRICS = (
     "alpha", "alphahat", "spectral_norm", "stable_rank", "entropy", "fnorm", "gradnorm", "gradnorm_d_weightnorm",
 )
@@ -49,9 +50,44 @@ def _f(default: Any, help: str, choices: tuple | None = None, group: str = "trai
     return field(default=default, metadata=meta)
 
 
+class FlagConfig:
+    """What every run configuration (TrainConfig; the ViT's alphadecay.vit.config.ViTConfig) has besides its fields.
+
+    A subclass is a dataclass whose fields are its command-line flags (declared with `_f`) and sets PROG and
+    DESCRIPTION for its `--help`; `build_parser` and `parse_flags` turn it into a parser."""
+
+    PROG: typing.ClassVar[str] = ""
+    DESCRIPTION: typing.ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        """The configuration as an aligned two-column table, one flag per line."""
+        items = self.to_dict()
+        width = max(len(k) for k in items)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in items.items())
+
+    def wd_method(self) -> str:
+        """The weight-decay method this configuration selects: --wd_scheduler, else the official flags (AWD,
+        module-wise with gradnorm + layerwise_sigmoid = AdaDecay, other module-wise = AlphaDecay, none = uniform)."""
+        if self.wd_scheduler is not None:
+            return self.wd_scheduler
+        if self.use_AWD_NeurIPS2023:
+            return "awd"
+        if self.use_modulewise_wd:
+            adadecay = self.esd_metric_for_tb == "gradnorm" and self.assign_func == "layerwise_sigmoid"
+            return "adadecay" if adadecay else "alphadecay"
+        return "uniform"
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(FlagConfig):
     """Every setting of a training run. Field names are the command-line flags."""
+
+    PROG = "torchrun_main.py"  # (class attributes without annotations: not fields, not flags)
+    DESCRIPTION = ("Pretrain LLaMA on C4 with a swappable weight-decay scheduler (Uniform, AWD, "
+                   "AdaDecay, AlphaDecay).")
 
     # --- model and data -------------------------------------------------------------------------------
     model_config: str = _f("configs/llama_60m.json", "LLaMA config JSON (configs/llama_{1m,3m,60m,130m,350m,1b}.json)", group="model and data")
@@ -140,42 +176,11 @@ class TrainConfig:
     name: str = _f("test", "accepted for compatibility (unused by the official code too)", group="evaluation, logging, checkpoints")
 
     # ------------------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def table(self) -> str:
-        """The configuration as an aligned two-column table, one flag per line."""
-        items = self.to_dict()
-        width = max(len(k) for k in items)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in items.items())
-
-    def wd_method(self) -> str:
-        """The weight-decay method this configuration selects (uniform, awd, adadecay or alphadecay)."""
-        if self.wd_scheduler is not None:
-            return self.wd_scheduler
-        if self.use_AWD_NeurIPS2023:
-            return "awd"
-        if self.use_modulewise_wd:
-            adadecay = self.esd_metric_for_tb == "gradnorm" and self.assign_func == "layerwise_sigmoid"
-            return "adadecay" if adadecay else "alphadecay"
-        return "uniform"
-
     def train_steps(self) -> int:
         """Number of updates: --num_training_steps, or --max_train_tokens / tokens per update."""
         if self.max_train_tokens is None:
             return self.num_training_steps
         return parse_token_count(self.max_train_tokens) // (self.total_batch_size * self.max_length)
-
-
-# Defaults a --wd_scheduler value sets (each only where the user did not give the flag).
-_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "uniform": {},
-    "awd": {"use_AWD_NeurIPS2023": True},
-    "adadecay": {"use_modulewise_wd": True, "alpha_positively_with_WD": True,
-                 "esd_metric_for_tb": "gradnorm", "assign_func": "layerwise_sigmoid"},
-    "alphadecay": {"use_modulewise_wd": True, "alpha_positively_with_WD": True,
-                   "esd_metric_for_tb": "alpha", "assign_func": "tb_linear_map"},
-}
 
 
 def parse_token_count(text: str) -> int:
@@ -216,23 +221,27 @@ class _Parser(argparse.ArgumentParser):
                 names = self._flag_names()
                 close = [n for n in names if n.startswith(flag)][:3] or difflib.get_close_matches(flag, names, n=1)
                 hints.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
-            message = f"unknown flag(s): {', '.join(hints)}. Run `python torchrun_main.py --help` for the valid flags."
+            message = f"unknown flag(s): {', '.join(hints)}. Run `python {self.prog} --help` for the valid flags."
         raise UserError(f"command line: {message}")
 
     def _flag_names(self) -> list[str]:
         return [s for a in self._actions for s in a.option_strings if s.startswith("--")]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config_cls: type[FlagConfig] = TrainConfig) -> argparse.ArgumentParser:
+    """The command line of a configuration dataclass: one flag per field, in its help sections.
+
+    Booleans take a bare flag (true) or an explicit value; lists take several values (`nargs` and `item_type` in
+    the field's metadata); Optional fields take `none`. No abbreviations; unknown flags are a UserError."""
     parser = _Parser(
-        prog="torchrun_main.py",
-        description="Pretrain LLaMA on C4 with a swappable weight-decay scheduler (Uniform, AWD, AdaDecay, AlphaDecay).",
+        prog=config_cls.PROG,
+        description=config_cls.DESCRIPTION,
         allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    hints = typing.get_type_hints(TrainConfig)
+    hints = typing.get_type_hints(config_cls)
     sections: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config_cls):
         meta = f.metadata
         section = sections.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         kind = hints[f.name]
@@ -240,48 +249,57 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs: dict[str, Any] = {"help": meta["help"], "default": argparse.SUPPRESS}
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
-        if kind is bool:
+        optional = typing.get_origin(kind) is typing.Union  # Optional[X]
+        inner = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
+        if inner is bool:
             kwargs.update(nargs="?", const=True, type=_str2bool, metavar="{true,false}")
-        elif kind is list:
-            kwargs.update(nargs=meta.get("nargs", "*"), type=str)
-        elif typing.get_origin(kind) is typing.Union:  # Optional[X]
-            inner = next(a for a in typing.get_args(kind) if a is not type(None))
+        elif inner is list:
+            kwargs.update(nargs=meta.get("nargs", "*"), type=meta.get("item_type", str))
+        elif optional:
             kwargs["type"] = _optional(inner)
         else:
             kwargs["type"] = kind
-        kwargs["help"] += f" (default: {default})"
+        kwargs["help"] = f"{kwargs['help']} (default: {default})".replace("%", "%%")  # argparse %-formats help
         section.add_argument(f"--{f.name}", **kwargs)
     return parser
 
 
+def parse_flags(config_cls: type[FlagConfig], argv: list[str] | None = None) -> tuple[Any, set[str]]:
+    """The command line as an unvalidated `config_cls`, and the names of the flags given (a flag given twice: the
+    last value, as argparse)."""
+    namespace = build_parser(config_cls).parse_args(sys.argv[1:] if argv is None else argv)
+    given = dict(vars(namespace))
+    return config_cls(**given), set(given)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     """Parse the command line into a validated TrainConfig; also return the names of the flags given."""
-    namespace = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    given = dict(vars(namespace))
-    config = TrainConfig(**given)
-    apply_method_defaults(config, set(given))
+    config, given = parse_flags(TrainConfig, argv)
+    apply_method_defaults(config, given)
     validate(config)
-    return config, set(given)
+    return config, given
 
 
-def apply_method_defaults(config: TrainConfig, given: set[str]) -> None:
-    """Fill in --wd_scheduler's defaults and reject combinations that name two methods at once."""
-    method = config.wd_scheduler
+def apply_method_defaults(config: FlagConfig, given: set[str]) -> None:
+    """Fill in --wd_scheduler's defaults (its registry entry's official flags) and reject combinations that name two
+    methods at once."""
+    name = config.wd_scheduler
     if config.use_AWD_NeurIPS2023 and config.use_modulewise_wd:
         raise UserError("--use_AWD_NeurIPS2023 and --use_modulewise_wd select two different weight-decay methods; "
-                        "give one of them (or --wd_scheduler {uniform,awd,adadecay,alphadecay}).")
-    if method is None:
+                        f"give one of them (or --wd_scheduler {{{','.join(WD_SCHEDULERS)}}}).")
+    if name is None:
         return
-    if method in ("uniform", "adadecay", "alphadecay") and config.use_AWD_NeurIPS2023:
-        raise UserError(f"--wd_scheduler {method} contradicts --use_AWD_NeurIPS2023 (that is --wd_scheduler awd).")
-    if method in ("uniform", "awd") and config.use_modulewise_wd:
-        raise UserError(f"--wd_scheduler {method} contradicts --use_modulewise_wd "
+    flags = METHODS[name].flags
+    if config.use_AWD_NeurIPS2023 and not flags.get("use_AWD_NeurIPS2023"):
+        raise UserError(f"--wd_scheduler {name} contradicts --use_AWD_NeurIPS2023 (that is --wd_scheduler awd).")
+    if config.use_modulewise_wd and not flags.get("use_modulewise_wd"):
+        raise UserError(f"--wd_scheduler {name} contradicts --use_modulewise_wd "
                         "(module-wise decay is --wd_scheduler alphadecay or adadecay).")
-    if method == "uniform" and config.alpha_positively_with_WD:
-        raise UserError("--wd_scheduler uniform contradicts --alpha_positively_with_WD (a module-wise mapping switch).")
-    for key, value in _METHOD_DEFAULTS[method].items():
+    if not flags and config.alpha_positively_with_WD:
+        raise UserError(f"--wd_scheduler {name} contradicts --alpha_positively_with_WD (a module-wise mapping switch).")
+    for key, value in flags.items():
         if key in given and isinstance(value, bool) and getattr(config, key) != value:
-            raise UserError(f"--wd_scheduler {method} needs --{key} true, but the command line gives "
+            raise UserError(f"--wd_scheduler {name} needs --{key} true, but the command line gives "
                             f"--{key} false; drop one of the two.")
         if key not in given:  # the metric and the map stay overridable, for the paper's ablations
             setattr(config, key, value)
@@ -308,6 +326,22 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--peak_tflops must be a positive number of TFLOP/s (e.g. 989 for an H100), got {config.peak_tflops}.")
     if config.gradient_accumulation is not None and config.gradient_accumulation <= 0:
         raise UserError(f"--gradient_accumulation must be positive, got {config.gradient_accumulation}.")
+    validate_weight_decay(config)
+    validate_scaling(config)
+    if config.official_adadecay_init and not official_adadecay_init_applies(config):
+        raise UserError("--official_adadecay_init only changes AdaDecay (--use_modulewise_wd --alpha_positively_with_WD "
+                        "--esd_metric_for_tb gradnorm --assign_func layerwise_sigmoid, or --wd_scheduler adadecay); "
+                        "this run selects another method, so drop the flag.")
+    for name in ("lr", "min_lr_ratio"):
+        if not math.isfinite(getattr(config, name)):
+            raise UserError(f"--{name} must be a finite number.")
+
+
+def validate_weight_decay(config: FlagConfig) -> None:
+    """The weight-decay flags every model family shares (TrainConfig, ViTConfig)."""
+    for name in ("weight_decay", "wd_min_ratio", "wd_max_ratio"):
+        if not math.isfinite(getattr(config, name)):
+            raise UserError(f"--{name} must be a finite number.")
     if config.wd_min_ratio < 0 or config.wd_max_ratio < 0:
         raise UserError("--wd_min_ratio and --wd_max_ratio must be >= 0.")
     if config.xmin_pos <= 1:
@@ -318,19 +352,11 @@ def validate(config: TrainConfig) -> None:
                         f"{config.farms_aspect_ratio}.")
     if config.wd_method() == "awd" and config.weight_decay <= 0:
         raise UserError("AWD sets lambda_awd = --awd_multiplier * --weight_decay; give --weight_decay > 0.")
-    validate_scaling(config)
-    if config.official_adadecay_init and not official_adadecay_init_applies(config):
-        raise UserError("--official_adadecay_init only changes AdaDecay (--use_modulewise_wd --alpha_positively_with_WD "
-                        "--esd_metric_for_tb gradnorm --assign_func layerwise_sigmoid, or --wd_scheduler adadecay); "
-                        "this run selects another method, so drop the flag.")
     for pattern in config.wd_exclude:
         try:
             re.compile(pattern)
         except re.error as err:
             raise UserError(f"--wd_exclude {pattern!r} is not a valid regular expression: {err}.") from None
-    for name in ("lr", "weight_decay", "min_lr_ratio", "wd_min_ratio", "wd_max_ratio"):
-        if not math.isfinite(getattr(config, name)):
-            raise UserError(f"--{name} must be a finite number.")
 
 
 def official_adadecay_init_applies(config: TrainConfig) -> bool:
@@ -358,7 +384,7 @@ def validate_scaling(config: TrainConfig) -> None:
         raise UserError(f"--diagnostics_every must be >= 0 (0 = off), got {config.diagnostics_every}.")
 
 
-def save(config: TrainConfig, path: str, provenance: dict[str, Any] | None = None) -> None:
+def save(config: FlagConfig, path: str, provenance: dict[str, Any] | None = None) -> None:
     """The flags as JSON; with `provenance`, also what the run resolved them to, under the key "provenance"."""
     record = config.to_dict()
     if provenance is not None:

@@ -8,7 +8,9 @@ module-wise decay passes `alpha/<module>` (or `<metric>/<module>`), `wd/<module>
 `awd/lambda_t`, `awd/lambda_bar`; for the scaling-rule diagnostics `sigma_max/<module>`, `gain/attn/<layer>`,
 `gain/mlp/<layer>`; and at every (re)start a `provenance` event: what changes the numbers without being a flag
 (world size, micro-batch, accumulation, resolved dtype and optimizer kernel, evaluation layout, torch and
-transformers versions; wandb has it in its config). wandb is never required: if it is missing or cannot start,
+transformers versions; wandb has it in its config). The ViT (vit_main.py) logs `loss`, `lr`, `weight_decay`,
+`epoch`, `images_seen`, `images_per_s` per update, `top1`, `top5`, `eval_loss` (and `ema_` ones, `top1_best`) per
+epoch, and the same weight-decay keys. wandb is never required: if it is missing or cannot start,
 a warning is printed and the JSON file still gets everything.
 """
 

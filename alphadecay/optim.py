@@ -58,9 +58,17 @@ def resolve_optimizer_impl(impl: str, optimizer: str, device: torch.device) -> s
 
 
 def build_optimizer(param_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[config.optimizer]
-    kwargs = {"lr": config.lr, "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
-    impl = resolve_optimizer_impl(config.optimizer_impl, config.optimizer, device)
+    return make_optimizer(param_groups, name=config.optimizer, lr=config.lr,
+                          betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                          impl=config.optimizer_impl, device=device)
+
+
+def make_optimizer(param_groups: list[dict], *, name: str, lr: float, betas: tuple[float, float], eps: float,
+                   impl: str, device: torch.device) -> torch.optim.Optimizer:
+    """torch Adam or AdamW over the named groups, on the kernel --optimizer_impl resolves to (any model family)."""
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    kwargs = {"lr": lr, "betas": betas, "eps": eps}
+    impl = resolve_optimizer_impl(impl, name, device)
     kwargs.update({"foreach": {"foreach": True}, "fused": {"fused": True}, "forloop": {"foreach": False}}[impl])
     return cls(param_groups, **kwargs)
 

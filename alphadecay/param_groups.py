@@ -1,10 +1,13 @@
-"""Optimizer parameter groups, built by one function and addressed by name.
+"""Optimizer parameter groups, built by one function from any model and addressed by name.
 
 Layout (one group per line):
-- every Linear weight, named by its module (`model.layers.3.mlp.up_proj`, ..., `lm_head`): kind q/k/v/o/gate/up/
-  down or head, its block index as `layer`;
-- `embeddings`: the token embedding;
-- `norms`: every RMSNorm gain.
+- every Linear and Conv2d, named by its module, holding its weight and its bias (as the official ViT code groups
+  them; the LLaMA Linears have no bias): LLaMA `model.layers.3.mlp.up_proj`, ..., `lm_head` (kind q/k/v/o/gate/
+  up/down or head); ViT `patch_embed.proj` (kind conv), `blocks.3.attn.qkv`, `blocks.3.attn.proj`,
+  `blocks.3.mlp.fc1`, `blocks.3.mlp.fc2`, `head` (kind qkv/proj/fc1/fc2/head); the transformer block index
+  (`model.layers.<i>` / `blocks.<i>`) as `layer`;
+- `embeddings`: nn.Embedding weights and the ViT's `cls_token` / `pos_embed` (timm's names, `dist_token` too);
+- `norms`: every other parameter whose name contains `norm` (RMSNorm gains; LayerNorm weights and biases).
 Every parameter is in exactly one group (checked). Each group carries `base_weight_decay` (what Uniform gives
 it) and `lr_scale`; a weight-decay scheduler sets a per-group multiplier, so the group's decay is
 `base_weight_decay * multiplier`. The paper decays every parameter, norms and embedding included: that is the
@@ -19,7 +22,10 @@ import torch
 from torch import nn
 
 LINEAR_KINDS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-                "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "lm_head": "head"}
+                "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "lm_head": "head",
+                "qkv": "qkv", "proj": "proj", "fc1": "fc1", "fc2": "fc2", "head": "head"}  # LLaMA, then ViT
+WEIGHT_MODULES = (nn.Linear, nn.Conv2d)  # the modules whose decay a module-wise method may set
+EMBEDDING_PARAMETERS = re.compile(r"(^|\.)(cls_token|dist_token|pos_embed)$")  # parameters that are embeddings
 
 
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -27,9 +33,22 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
+def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every nn.Linear and nn.Conv2d in `named_modules()` order: the official code's candidates for module-wise
+    decay (WeightDecayUnbalance.py:216-217). LLaMA has Linears only; the ViT starts with its patch Conv2d."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, WEIGHT_MODULES)]
+
+
+def as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A module weight as the matrix its spectrum is taken of: a Linear's (out, in) as it is, a Conv2d's
+    (out, in, kh, kw) reshaped to (out, in * kh * kw) (the linear map it applies to each patch)."""
+    return weight.reshape(weight.shape[0], -1)
+
+
 def layer_index(name: str) -> int | None:
-    """The transformer block a module belongs to (`model.layers.<i>.`), or None (embedding, norm, head)."""
-    match = re.search(r"\.layers\.(\d+)\.", name)
+    """The transformer block a module belongs to (LLaMA `model.layers.<i>.`, ViT `blocks.<i>.`), or None
+    (embedding, norm, head, patch embedding)."""
+    match = re.search(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.", name)
     return int(match.group(1)) if match else None
 
 
@@ -47,11 +66,12 @@ def build_param_groups(model: nn.Module, *, weight_decay: float, decay_norms: bo
         groups.append({"name": name, "kind": kind, "layer": layer, "params": params, "base_weight_decay": decay,
                        "weight_decay": decay, "wd_multiplier": 1.0, "lr_scale": 1.0})
 
-    for name, module in linear_modules(model):
-        kind = LINEAR_KINDS.get(name.rsplit(".", 1)[-1], "linear")
+    for name, module in weight_modules(model):
+        kind = "conv" if isinstance(module, nn.Conv2d) else LINEAR_KINDS.get(name.rsplit(".", 1)[-1], "linear")
         add(name, kind, [module.weight] + ([module.bias] if module.bias is not None else []), weight_decay,
             layer_index(name))
     embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    embeddings += [p for n, p in model.named_parameters() if id(p) not in owner and EMBEDDING_PARAMETERS.search(n)]
     add("embeddings", "embedding", embeddings, weight_decay if decay_embeddings else 0.0)
     norms = [p for n, p in model.named_parameters() if id(p) not in owner and re.search(r"norm", n)]
     add("norms", "norm", norms, weight_decay if decay_norms else 0.0)

@@ -129,18 +129,22 @@ def provenance(config: TrainConfig, info: dist.DistInfo, *, grad_accum: int, dty
                eval_rows: torch.Tensor, spec: data.RowSpec) -> dict:
     """What changes a run's numbers without being a flag (config.PROVENANCE_KEYS, which scripts/make_tables.py
     compares across the runs of a table cell), then where it ran."""
+    return {"world_size": info.world_size, "micro_batch": config.batch_size, "gradient_accumulation": grad_accum,
+            "dtype_resolved": dtype_name, "optimizer_impl_resolved": optimizer_impl,
+            "official_eval_rows": config.official_eval_rows, "eval_rows": int(eval_rows.shape[0]),
+            "eval_tokens": target_count(eval_rows, spec), "torch": torch.__version__,
+            "transformers": transformers.__version__, **where_it_ran(info)}
+
+
+def where_it_ran(info: dist.DistInfo) -> dict:
+    """The code (git commit, uncommitted changes) and the machine (CUDA, device, GPU) of a run's provenance."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"world_size": info.world_size, "micro_batch": config.batch_size, "gradient_accumulation": grad_accum,
-            "dtype_resolved": dtype_name, "optimizer_impl_resolved": optimizer_impl,
-            "official_eval_rows": config.official_eval_rows, "eval_rows": int(eval_rows.shape[0]),
-            "eval_tokens": target_count(eval_rows, spec), "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
             "cuda": torch.version.cuda, "device": str(info.device),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 

@@ -8,6 +8,10 @@ the decay starts at the base value; the official code's integer placeholder give
 first in-loop pass, which --official_adadecay_init reproduces) and every --unbalancedWD_every updates. It is the
 module-wise machinery of AlphaDecay with another score and map, so it is built from it rather than copied; it
 computes no eigenvalues.
+
+On the ViT (`Family` vit) the blocks are the ViT's `blocks.<i>` (4 modules each: qkv, attn.proj, fc1, fc2), as the
+official code's `name.split('.')[2]` gives on its DDP-wrapped names, and the pass runs at the first update of every
+epoch on that update's gradient (no placeholder pass: the official ViT init pass is overwritten before any step).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from torch import nn
 
 from alphadecay.config import TrainConfig
 from alphadecay.modulewise import ModulewiseDecay
+from alphadecay.schedulers import LLAMA, Family
 
 
-def build_adadecay(config: TrainConfig, model: nn.Module, param_groups: list[dict]) -> ModulewiseDecay:
+def build_adadecay(config: TrainConfig, model: nn.Module, param_groups: list[dict],
+                   family: Family = LLAMA) -> ModulewiseDecay:
     """--wd_scheduler adadecay (or the official --esd_metric_for_tb gradnorm --assign_func layerwise_sigmoid)."""
-    return ModulewiseDecay.from_config(config, model, param_groups)
+    return ModulewiseDecay.from_config(config, model, param_groups, family)

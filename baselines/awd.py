@@ -2,12 +2,16 @@
 
 Every update: lambda_t = lambda_awd * ||g|| / (||w|| + 1e-8) over all parameters, and the moving average
 lambda_bar <- 0.1 * lambda_bar + 0.9 * lambda_t (lambda_bar starts at 0), applied to every group
-(official AWD_nips2023.py). lambda_awd = --awd_multiplier (100, as the official LLaMA code) x --weight_decay.
+(official AWD_nips2023.py). lambda_awd = --awd_multiplier x --weight_decay; the multiplier's default is the
+official code's for the model family: 100 for LLaMA, 50 for the ViT (ViT-training/main.py:270).
 As a multiplier of each group's base decay (--weight_decay for every group in the paper's setting), the
 group's decay is base * lambda_bar / --weight_decay, i.e. lambda_bar itself.
 
 The norms cost one host transfer per update (torch._foreach_norm), not two per parameter as in the official code.
 The gradients are already reduced across ranks; lambda_t is still broadcast from rank 0 so replicas can never drift.
+The official ViT code steps AWD on every micro-batch (ViT-training/engine.py:90-91), on the partial gradient
+accumulated so far; we step it once per update on the whole gradient. The two are the same with --update_freq 1,
+as in every official ViT script.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from torch import nn
 
 from alphadecay import dist
-from alphadecay.schedulers import WDUpdate
+from alphadecay.schedulers import Family, WDUpdate
 
 
 def global_norms(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,3 +52,8 @@ class AWD:
 
     def load_state_dict(self, state: dict) -> None:
         self.lambda_bar = float(state["lambda_bar"])
+
+
+def build(config, model: nn.Module, param_groups: list[dict], family: Family) -> AWD:
+    """--wd_scheduler awd (or --use_AWD_NeurIPS2023): one multiplier for every group."""
+    return AWD([g["name"] for g in param_groups], weight_decay=config.weight_decay, multiplier=config.awd_multiplier)

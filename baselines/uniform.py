@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from alphadecay.schedulers import WDUpdate
+from alphadecay.schedulers import Family, WDUpdate
 
 
 class Uniform:
@@ -18,3 +18,8 @@ class Uniform:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def build(config, model: nn.Module, param_groups: list[dict], family: Family) -> Uniform:
+    """--wd_scheduler uniform (or none of the official method flags); the same for every model family."""
+    return Uniform()

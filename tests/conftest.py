@@ -106,3 +106,46 @@ def short_alphadecay_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("alphadecay_run") / "run"
     assert run_main(train_args(path, wd_scheduler="alphadecay", unbalancedWD_every=2, lr=1e-2)) == 0
     return path
+
+
+# -- the ViT (vit_main.py) ---------------------------------------------------------------------------------------
+DIGITS = REPO / "data" / "digits_sample"
+
+
+@pytest.fixture(scope="session")
+def digits_subset(tmp_path_factory):
+    """A copy of the first 8 train and 2 val images of each class of the shipped digits: 80 + 20 real images, so a
+    ViT epoch on CPU takes a second or two."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("digits_subset")
+    for split, count in (("train", 8), ("val", 2)):
+        for class_dir in sorted((DIGITS / split).iterdir()):
+            (root / split / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                shutil.copy(image, root / split / class_dir.name / image.name)
+    return root
+
+
+def vit_args(data_path, output_dir, **overrides) -> list[str]:
+    """CLI arguments of a small CPU ViT run: the CPU-sized model, light augmentation, no wandb; keyword arguments
+    override or add flags (True = a bare flag, None = drop it)."""
+    flags = {"model": "vit_tiny_patch4_32", "input_size": 32, "data_path": data_path, "output_dir": output_dir,
+             "device": "cpu", "batch_size": 8, "epochs": 2, "warmup_epochs": 1, "lr": 2e-3, "num_workers": 0,
+             "wandb_mode": "disabled"}
+    flags.update(overrides)
+    args = []
+    for key, value in flags.items():
+        if value is True:
+            args.append(f"--{key}")
+        elif value is not None:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def run_vit(args: list[str]) -> int:
+    """vit_main.main in this process."""
+    sys.path.insert(0, str(REPO))
+    import vit_main
+
+    return vit_main.main(args)

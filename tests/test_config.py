@@ -102,3 +102,18 @@ def test_every_field_is_a_flag_and_the_table_lists_it():
     for name in TrainConfig.__dataclass_fields__:
         assert f"--{name}" in flags
         assert name in table
+
+
+@pytest.mark.parametrize("module,needle", [("torchrun_main", "(update + 1) % this == 0"),
+                                           ("vit_main", "--min_lr_absolute")])
+def test_help_prints_every_flag(module, needle, capsys):
+    """--help formats every help text (argparse %-formats them: a literal % must not break it)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main(["--help"])
+    assert done.value.code == 0
+    assert needle in " ".join(capsys.readouterr().out.split())
