@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import sys
 import typing
@@ -93,7 +94,7 @@ class TrainConfig(FlagConfig):
     model_config: str = _f("configs/llama_60m.json", "LLaMA config JSON (configs/llama_{1m,3m,60m,130m,350m,1b}.json)", group="model and data")
     dataset: str = _f("allenai/c4", "hub dataset in C4 layout (allenai/c4), a local directory in C4 layout (data/c4_sample), or a directory of rows made by `python -m alphadecay.pretokenize` (one global order; resumes on any number of processes)", group="model and data")
     dataset_config: str = _f("en", "C4 variant: the sub-directory holding the shards (en, en.noblocklist, realnewslike, ...)", group="model and data")
-    tokenizer: str = _f("t5-base", "hub tokenizer name or local tokenizer directory, e.g. data/tokenizer", group="model and data")
+    tokenizer: str = _f("t5-base", "hub tokenizer name or local tokenizer directory, e.g. data/tokenizer; with a pretokenized --dataset DIR the default is DIR/tokenizer, the copy saved with the rows", group="model and data")
     max_length: int = _f(256, "tokens per row", group="model and data")
     packing: bool = _f(False, "concatenate documents separated by eos into full rows (no padding) instead of the paper's one right-padded document per row", group="model and data")
     data_seed: int = _f(42, "seed of the shard order and the shuffle buffer (the official code hard-codes 42)", group="model and data")
@@ -276,8 +277,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     """Parse the command line into a validated TrainConfig; also return the names of the flags given."""
     config, given = parse_flags(TrainConfig, argv)
     apply_method_defaults(config, given)
+    apply_data_defaults(config, given)
     validate(config)
     return config, given
+
+
+PRETOKENIZED_META = "pretokenized.json"  # the metadata file of a directory made by python -m alphadecay.pretokenize
+
+
+def apply_data_defaults(config: TrainConfig, given: set[str]) -> None:
+    """A pretokenized --dataset DIR brings its tokenizer: without --tokenizer, use DIR/tokenizer (the copy the
+    pretokenizer saved), so that training from it needs no hub and cannot pick a mismatching vocabulary."""
+    saved = os.path.join(config.dataset, "tokenizer")
+    if ("tokenizer" not in given and os.path.isfile(os.path.join(config.dataset, PRETOKENIZED_META))
+            and os.path.isdir(saved)):
+        config.tokenizer = saved
 
 
 def apply_method_defaults(config: FlagConfig, given: set[str]) -> None:

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from alphadecay import data
+from alphadecay.config import PRETOKENIZED_META
 from alphadecay.errors import UserError
 
-META_FILE = "pretokenized.json"
+META_FILE = PRETOKENIZED_META
 FORMAT = "alphadecay-pretokenized"
 VERSION = 1
 

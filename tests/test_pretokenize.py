@@ -297,3 +297,15 @@ def test_rows_are_read_across_shards_in_any_order():
     picks = np.array([49, 0, 12, 13, 33, 32, 12])
     assert split.take(picks)[:, 0].tolist() == picks.tolist()
     assert split.read(45, 99)[:, 0].tolist() == [45, 46, 47, 48, 49]
+
+
+def test_training_from_a_pretokenized_directory_defaults_to_its_saved_tokenizer(tmp_path, c4):
+    from alphadecay.config import parse_args
+
+    out = pretokenize_dir(tmp_path / "rows", dataset=c4[0], max_rows=8)
+    config, _ = parse_args(["--dataset", out, "--model_config", "configs/llama_1m.json"])
+    assert config.tokenizer == os.path.join(out, "tokenizer")
+    config, _ = parse_args(["--dataset", out, "--tokenizer", TOKENIZER])  # an explicit flag wins
+    assert config.tokenizer == TOKENIZER
+    config, _ = parse_args(["--dataset", SAMPLE])  # streaming: the usual default
+    assert config.tokenizer == "t5-base"
