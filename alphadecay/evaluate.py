@@ -36,7 +36,6 @@ from transformers.utils import logging as hf_logging
 from alphadecay import data, dist, pretokenized
 from alphadecay.checkpoint import STATE_FILE, find_checkpoint
 from alphadecay.config import TrainConfig, _str2bool
-from alphadecay.data import IGNORE_INDEX
 from alphadecay.errors import UserError
 from alphadecay.esd_report import load_model
 from alphadecay.loss import row_loss_sums
@@ -82,11 +81,6 @@ def evaluate_rows(model: torch.nn.Module, rows: torch.Tensor, spec: data.RowSpec
     return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
             "eval_loss_official": official, "eval_ppl_official": math.exp(min(official, 50.0)),
             "eval_tokens": int(targets)}
-
-
-def target_count(rows: torch.Tensor, spec: data.RowSpec) -> int:
-    """Targets (predicted positions) in the rows: what `eval_tokens` counts."""
-    return int((data.labels_for(rows, spec)[:, 1:] != IGNORE_INDEX).sum())
 
 
 # ------------------------------------------------------------------------------------------------------------

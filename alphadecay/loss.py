@@ -43,6 +43,11 @@ def shift_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def target_count(labels: torch.Tensor) -> int:
+    """Target positions (predicted tokens) in a batch of labels: the denominator of the token-mean loss."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def _upcast_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half precisions; float32 and float64 stay as they are."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32

@@ -25,8 +25,7 @@ from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_stat
 from alphadecay.config import TrainConfig
 from alphadecay.diagnostics import ScalingDiagnostics
 from alphadecay.errors import UserError
-from alphadecay.evaluate import target_count
-from alphadecay.loss import CausalLMLoss
+from alphadecay.loss import CausalLMLoss, target_count
 from alphadecay.metrics import MetricsLogger
 from alphadecay.model import build_model, cast_model, count_parameters, load_model_config
 from alphadecay.optim import build_optimizer, resolve_optimizer_impl
@@ -132,7 +131,7 @@ def provenance(config: TrainConfig, info: dist.DistInfo, *, grad_accum: int, dty
     return {"world_size": info.world_size, "micro_batch": config.batch_size, "gradient_accumulation": grad_accum,
             "dtype_resolved": dtype_name, "optimizer_impl_resolved": optimizer_impl,
             "official_eval_rows": config.official_eval_rows, "eval_rows": int(eval_rows.shape[0]),
-            "eval_tokens": target_count(eval_rows, spec), "torch": torch.__version__,
+            "eval_tokens": target_count(data.labels_for(eval_rows, spec)), "torch": torch.__version__,
             "transformers": transformers.__version__, **where_it_ran(info)}
 
 

@@ -28,7 +28,7 @@ from alphadecay.checkpoint import rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
 from alphadecay.data import IGNORE_INDEX, Prefetcher, RowSpec
 from alphadecay.evaluate import evaluate_rows
-from alphadecay.loss import CausalLMLoss
+from alphadecay.loss import CausalLMLoss, target_count
 from alphadecay.mfu import device_peak_flops, llama_flops_per_token, throughput_metrics
 from alphadecay.optim import lr_factor, set_learning_rate
 from alphadecay.param_groups import apply_multipliers, mean_weight_decay
@@ -40,10 +40,6 @@ class TrainState:
     tokens_seen: int = 0  # non-pad input tokens, all ranks
     train_time: float = 0.0  # seconds spent in updates (not evaluation or checkpointing)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def target_count(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class StopFlag:
