@@ -74,6 +74,19 @@ def find_checkpoint(path: str) -> str:
     return checkpoint_dir(path, max(steps))
 
 
+def find_model_dir(path: str) -> str:
+    """`path` itself when it holds model weights (a save_pretrained directory or a checkpoint), else the latest
+    checkpoint of the run directory `path`: what the model-reading command lines (evaluate, esd) accept."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    if any(os.path.isfile(os.path.join(path, w)) for w in weights):
+        return path
+    try:
+        return find_checkpoint(path)
+    except UserError:
+        raise UserError(f"{path}: neither a save_pretrained model directory (config.json + model.safetensors or "
+                        f"pytorch_model.bin), a checkpoint model_<step>, nor a run directory holding one.") from None
+
+
 def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The weights and the training state of a checkpoint directory."""
     weights = load_file(os.path.join(path, "model.safetensors"))

@@ -36,15 +36,13 @@ from alphadecay.param_groups import LINEAR_KINDS, layer_index, linear_modules
 def load_model(path: str, seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaForCausalLM
 
-    from alphadecay.checkpoint import find_checkpoint
+    from alphadecay.checkpoint import find_model_dir
 
     if path.endswith(".json") and os.path.isfile(path):  # a model config: the freshly initialised model
         from alphadecay.model import build_model, load_model_config
 
         return build_model(load_model_config(path), seed=seed)
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    if not any(os.path.isfile(os.path.join(path, w)) for w in weights):  # a run directory: its latest checkpoint
-        path = find_checkpoint(path)
+    path = find_model_dir(path)  # a run directory: its latest checkpoint
     try:
         return LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     except (OSError, ValueError) as err:

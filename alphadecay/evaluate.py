@@ -34,7 +34,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from alphadecay import data, dist, pretokenized
-from alphadecay.checkpoint import STATE_FILE, find_checkpoint
+from alphadecay.checkpoint import STATE_FILE, find_model_dir
 from alphadecay.config import TrainConfig, _str2bool
 from alphadecay.errors import UserError
 from alphadecay.esd_report import load_model
@@ -112,18 +112,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_model_dir(path: str) -> str:
-    """PATH itself when it holds model weights, else the latest checkpoint of the run directory PATH."""
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    if any(os.path.isfile(os.path.join(path, w)) for w in weights):
-        return path
-    try:
-        return find_checkpoint(path)
-    except UserError:
-        raise UserError(f"{path}: neither a save_pretrained model directory (config.json + model.safetensors or "
-                        f"pytorch_model.bin), a checkpoint model_<step>, nor a run directory holding one.") from None
-
-
 def run_settings(model_dir: str) -> dict:
     """The flags of the run a checkpoint belongs to (its run directory's config.json), or {}."""
     run_config = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "config.json")
@@ -150,7 +138,7 @@ def settings(args: argparse.Namespace, model_dir: str) -> dict:
 def evaluate_path(args: argparse.Namespace, info: dist.DistInfo) -> dict:
     from alphadecay.run import resolve_dtype  # run imports the trainer, which imports this module
 
-    model_dir = resolve_model_dir(args.path)
+    model_dir = find_model_dir(args.path)
     flags = settings(args, model_dir)
     tokenizer = data.load_tokenizer(flags["tokenizer"], flags["max_length"])
     hf_logging.disable_progress_bar()
