@@ -243,26 +243,47 @@ def build_parser(config_cls: type[FlagConfig] = TrainConfig) -> argparse.Argumen
     hints = typing.get_type_hints(config_cls)
     sections: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(config_cls):
-        meta = f.metadata
-        section = sections.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        kind = hints[f.name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kwargs: dict[str, Any] = {"help": meta["help"], "default": argparse.SUPPRESS}
-        if meta["choices"]:
-            kwargs["choices"] = meta["choices"]
-        optional = typing.get_origin(kind) is typing.Union  # Optional[X]
-        inner = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
-        if inner is bool:
-            kwargs.update(nargs="?", const=True, type=_str2bool, metavar="{true,false}")
-        elif inner is list:
-            kwargs.update(nargs=meta.get("nargs", "*"), type=meta.get("item_type", str))
-        elif optional:
-            kwargs["type"] = _optional(inner)
-        else:
-            kwargs["type"] = kind
-        kwargs["help"] = f"{kwargs['help']} (default: {default})".replace("%", "%%")  # argparse %-formats help
-        section.add_argument(f"--{f.name}", **kwargs)
+        section = sections.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        section.add_argument(f"--{f.name}", default=argparse.SUPPRESS,
+                             **_flag_kwargs(f, hints[f.name], f"default: {_field_default(f)}"))
     return parser
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _flag_kwargs(f: dataclasses.Field, kind: Any, default_text: str) -> dict[str, Any]:
+    """argparse's type, nargs, choices and help for one config field (its default is the caller's)."""
+    meta = f.metadata
+    kwargs: dict[str, Any] = {"help": f"{meta['help']} ({default_text})".replace("%", "%%")}  # argparse %-formats help
+    if meta["choices"]:
+        kwargs["choices"] = meta["choices"]
+    optional = typing.get_origin(kind) is typing.Union  # Optional[X]
+    inner = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
+    if inner is bool:
+        kwargs.update(nargs="?", const=True, type=_str2bool, metavar="{true,false}")
+    elif inner is list:
+        kwargs.update(nargs=meta.get("nargs", "*"), type=meta.get("item_type", str))
+    elif optional:
+        kwargs["type"] = _optional(inner)
+    else:
+        kwargs["type"] = kind
+    return kwargs
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...], *, from_run: bool = False,
+                     config_cls: type[FlagConfig] = TrainConfig) -> None:
+    """Flags of another command line that mean what these config fields mean: the training flag's type, choices
+    and help. Their default is the field's, or with from_run None (the command takes the value from the run it
+    reads, else the field's default; the help says so)."""
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for name in names:
+        default = _field_default(fields[name])
+        text = f"default: the run's value, else {default}" if from_run else f"default: {default}"
+        parser.add_argument(f"--{name}", default=None if from_run else default,
+                            **_flag_kwargs(fields[name], hints[name], text))
 
 
 def parse_flags(config_cls: type[FlagConfig], argv: list[str] | None = None) -> tuple[Any, set[str]]:
@@ -360,10 +381,7 @@ def validate_weight_decay(config: FlagConfig) -> None:
         raise UserError("--wd_min_ratio and --wd_max_ratio must be >= 0.")
     if config.xmin_pos <= 1:
         raise UserError(f"--xmin_pos must be > 1 (2 = median xmin), got {config.xmin_pos}.")
-    if config.farms_window < 1 or config.farms_windows_per_dim < 1 or not config.farms_aspect_ratio >= 1:
-        raise UserError(f"--farms_window and --farms_windows_per_dim must be >= 1 and --farms_aspect_ratio >= 1 "
-                        f"(1 = square submatrices); got {config.farms_window}, {config.farms_windows_per_dim}, "
-                        f"{config.farms_aspect_ratio}.")
+    check_farms(config.farms_window, config.farms_aspect_ratio, config.farms_windows_per_dim)
     if config.wd_method() == "awd" and config.weight_decay <= 0:
         raise UserError("AWD sets lambda_awd = --awd_multiplier * --weight_decay; give --weight_decay > 0.")
     for pattern in config.wd_exclude:
@@ -371,6 +389,13 @@ def validate_weight_decay(config: FlagConfig) -> None:
             re.compile(pattern)
         except re.error as err:
             raise UserError(f"--wd_exclude {pattern!r} is not a valid regular expression: {err}.") from None
+
+
+def check_farms(window: int, aspect_ratio: float, windows_per_dim: int) -> None:
+    """The FARMS sampling flags (training and `python -m alphadecay.esd`)."""
+    if window < 1 or windows_per_dim < 1 or not aspect_ratio >= 1:
+        raise UserError(f"--farms_window and --farms_windows_per_dim must be >= 1 and --farms_aspect_ratio >= 1 "
+                        f"(1 = square submatrices); got {window}, {windows_per_dim}, {aspect_ratio}.")
 
 
 def official_adadecay_init_applies(config: TrainConfig) -> bool:

@@ -27,10 +27,16 @@ import torch
 
 from alphadecay import esd
 from alphadecay.assign import assign
-from alphadecay.config import ASSIGN_FUNCS, ESD_ESTIMATORS, PL_FITTINGS, _str2bool
+from alphadecay.config import add_config_flags, check_farms
 from alphadecay.errors import UserError
 from alphadecay.modulewise import SPECTRAL_METRICS, tuned_modules
 from alphadecay.param_groups import LINEAR_KINDS, layer_index, linear_modules
+
+
+# The training flags this report takes too: how alpha is estimated and which modules AlphaDecay tunes.
+ESTIMATOR_FLAGS = ("assign_func", "pl_fitting", "esd_estimator", "farms_window", "farms_aspect_ratio",
+                   "farms_windows_per_dim", "official_fix_finger", "xmin_pos", "filter_zeros", "remove_first_layer",
+                   "remove_last_layer", "wd_exclude")
 
 
 def load_model(path: str, seed: int = 0) -> torch.nn.Module:
@@ -147,21 +153,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wd_min_ratio", type=float, default=0.6666)
     parser.add_argument("--wd_max_ratio", type=float, default=5.0)
     parser.add_argument("--esd_metric_for_tb", default="alpha", choices=sorted(SPECTRAL_METRICS - {"gradnorm_d_weightnorm"}))
-    parser.add_argument("--assign_func", default="tb_linear_map", choices=ASSIGN_FUNCS)
-    parser.add_argument("--pl_fitting", default="median", choices=PL_FITTINGS)
-    parser.add_argument("--esd_estimator", default="full", choices=ESD_ESTIMATORS,
-                        help="full = the whole matrix's ESD (official); farms = FARMS' fixed-aspect-ratio submatrices")
-    parser.add_argument("--farms_window", type=int, default=2000, help="FARMS: short side of each submatrix")
-    parser.add_argument("--farms_aspect_ratio", type=float, default=1.0, help="FARMS: long / short side, >= 1")
-    parser.add_argument("--farms_windows_per_dim", type=int, default=15, help="FARMS: positions per dimension")
-    parser.add_argument("--official_fix_finger", nargs="?", const=True, default=False, type=_str2bool,
-                        help="fix-finger with the official lower bound log10(0.95 peak), compared with linear "
-                             "eigenvalues (default: 0.95 peak, the intended bound)")
-    parser.add_argument("--xmin_pos", type=float, default=2.0)
-    parser.add_argument("--filter_zeros", nargs="?", const=True, default=False, type=_str2bool)
-    parser.add_argument("--remove_first_layer", nargs="?", const=True, default=True, type=_str2bool)
-    parser.add_argument("--remove_last_layer", nargs="?", const=True, default=True, type=_str2bool)
-    parser.add_argument("--wd_exclude", nargs="*", default=[], help="regular expressions of modules not tuned")
+    add_config_flags(parser, ESTIMATOR_FLAGS)  # as in training: same meaning, type and default
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--plot", metavar="DIR", help="write the ESD and overview figures (PNG) to this directory")
     parser.add_argument("--plot_modules", metavar="REGEX",
@@ -173,8 +165,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        if args.farms_window < 1 or args.farms_windows_per_dim < 1 or not args.farms_aspect_ratio >= 1:
-            raise UserError("--farms_window and --farms_windows_per_dim must be >= 1 and --farms_aspect_ratio >= 1.")
+        check_farms(args.farms_window, args.farms_aspect_ratio, args.farms_windows_per_dim)
         if args.plot_modules is not None:
             try:
                 re.compile(args.plot_modules)

@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging
 
 from alphadecay import data, dist, pretokenized
 from alphadecay.checkpoint import STATE_FILE, find_model_dir
-from alphadecay.config import TrainConfig, _str2bool
+from alphadecay.config import TrainConfig, add_config_flags
 from alphadecay.errors import UserError
 from alphadecay.esd_report import load_model
 from alphadecay.loss import row_loss_sums
@@ -91,21 +91,10 @@ DATA_FLAGS = ("dataset", "dataset_config", "tokenizer", "max_length", "packing",
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    fields = TrainConfig.__dataclass_fields__
     parser = argparse.ArgumentParser(prog="python -m alphadecay.evaluate", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("path", help="checkpoint model_<step>, run directory, or save_pretrained directory")
-    for name in DATA_FLAGS:
-        meta = fields[name].metadata
-        kwargs: dict = {"default": None, "help": f"{meta['help']} (default: the run's value, else "
-                                                 f"{fields[name].default})"}
-        if fields[name].type in (bool, "bool"):
-            kwargs.update(nargs="?", const=True, type=_str2bool)
-        else:
-            kwargs["type"] = {"int": int, "str": str}.get(str(fields[name].type), str)
-        if meta["choices"]:
-            kwargs["choices"] = meta["choices"]
-        parser.add_argument(f"--{name}", **kwargs)
+    add_config_flags(parser, DATA_FLAGS, from_run=True)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto = this rank's GPU when there is one, else CPU")
     parser.add_argument("--json", help="also write the results to this JSON file (rank 0)")
