@@ -54,6 +54,15 @@ def setup(requested_device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """DistributedDataParallel as every entry point wraps its model: on this rank's GPU (no device_ids on CPU), and
+    without broadcasting buffers each forward (the models' buffers are constants, identical on every rank)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-from torch.nn.parallel import DistributedDataParallel
 from transformers.utils import logging as hf_logging
 
 from alphadecay import config as config_lib
@@ -97,10 +96,7 @@ def wrap_model(raw_model: torch.nn.Module, config: TrainConfig, info: dist.DistI
     model: torch.nn.Module = CausalLMLoss(raw_model, config.loss_chunk_tokens)
     if compile:
         model = torch.compile(model)
-    if info.distributed:
-        model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                        broadcast_buffers=False)
-    return model
+    return dist.ddp(model, info) if info.distributed else model
 
 
 def resolve_run_dir(config: TrainConfig, info: dist.DistInfo, checkpoint: str | None) -> str:
@@ -258,7 +254,9 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     model = wrap_model(raw_model, config, info, compile=use_compile)
     run_provenance = provenance(config, info, grad_accum=inputs.grad_accum, dtype_name=dtype_name,
                                 optimizer_impl=optimizer_impl, eval_rows=eval_rows, spec=inputs.spec)
-    logger = start_logging(config, info, run_dir, raw_model, optimizer, run_provenance, state.step, saved)
+    logger = start_logging(config, info, run_dir, raw_model, optimizer, run_provenance, state.step, saved,
+                           project=config.wandb_project, mode=config.wandb_mode,
+                           tags=config.tags.split(",") if config.tags else None, extra={"updates": total_steps})
     autocast = (torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast
                 else contextlib.nullcontext())
     speed = (", compiled" if use_compile else "") + (f", loss over {config.loss_chunk_tokens}-token chunks"
@@ -277,19 +275,19 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                    state=state, probes=probes)
 
 
-def start_logging(config: TrainConfig, info: dist.DistInfo, run_dir: str, model, optimizer, run_provenance: dict,
-                  step: int, saved: dict | None) -> MetricsLogger:
+def start_logging(config: config_lib.FlagConfig, info: dist.DistInfo, run_dir: str, model, optimizer,
+                  run_provenance: dict, step: int, saved: dict | None, *, project: str, mode: str | None,
+                  tags: list[str] | None = None, extra: dict | None = None) -> MetricsLogger:
     """Save the config with the run's provenance, start metrics.jsonl and wandb (rank 0; both get the provenance:
     metrics.jsonl as a `provenance` event at every start, so a resumed run keeps each segment's), and print the
-    run's description."""
+    run's description. For every model family (the ViT's run.py too); `extra` goes to wandb's config."""
     run_info = {**config.to_dict(), **run_provenance, "total_params_M": count_parameters(model) / 1e6,
-                "wd_method": config.wd_method(), "updates": config.train_steps()}
+                "wd_method": config.wd_method(), **(extra or {})}
     if info.is_main:
         config_lib.save(config, os.path.join(run_dir, "config.json"), provenance=run_provenance)
-    logger = MetricsLogger(run_dir, enabled=info.is_main, project=config.wandb_project, name=config.wandb_name,
-                           mode=config.wandb_mode, config=run_info, resume_step=step,
-                           wandb_id=saved.get("wandb_id") if saved else None,
-                           tags=config.tags.split(",") if config.tags else None)
+    logger = MetricsLogger(run_dir, enabled=info.is_main, project=project, name=config.wandb_name, mode=mode,
+                           config=run_info, resume_step=step, wandb_id=saved.get("wandb_id") if saved else None,
+                           tags=tags)
     logger.record({"provenance": run_provenance}, step=step)
     log0(info, f"{config.table()}\n\n{describe(optimizer.param_groups)}\n")
     if config.use_modulewise_wd and not config.alpha_positively_with_WD:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from alphadecay.errors import UserError
-from alphadecay.vit.model import (ALIASES, ARCHS, DropPath, adapt_checkpoint, build_vit, count_parameters,
+from alphadecay.model import count_parameters
+from alphadecay.vit.model import (ALIASES, ARCHS, DropPath, adapt_checkpoint, build_vit,
                                   model_names, resize_pos_embed, resolve_model_name)
 
 FIXTURE = Path(__file__).parent / "data" / "deit_tiny_patch16_224_state_dict.json"

@@ -261,7 +261,3 @@ def adapt_checkpoint(state: dict, model: VisionTransformer) -> dict[str, torch.T
     if "pos_embed" in out and out["pos_embed"].shape != model.pos_embed.shape:
         out["pos_embed"] = resize_pos_embed(out["pos_embed"], model.pos_embed.shape[1])
     return out
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -13,23 +13,22 @@ import numpy as np
 import PIL
 import torch
 from safetensors.torch import load_file
-from torch.nn.parallel import DistributedDataParallel
 
-from alphadecay import config as config_lib
 from alphadecay import dist
 from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_state
 from alphadecay.errors import UserError
 from alphadecay.metrics import MetricsLogger
 from alphadecay.optim import make_optimizer, resolve_optimizer_impl
-from alphadecay.param_groups import build_param_groups, describe
-from alphadecay.run import log0, where_it_ran
+from alphadecay.param_groups import build_param_groups
+from alphadecay.model import count_parameters
+from alphadecay.run import log0, start_logging, where_it_ran
 from alphadecay.schedulers import build_wd_scheduler, vit_family
 from alphadecay.vit.config import ViTConfig
 from alphadecay.vit.data import (EvalSamples, ImageFolder, TrainOrder, TrainSamples, find_unreadable,
                                  load_image_folders, unreadable_error)
 from alphadecay.vit.ema import ModelEma
 from alphadecay.vit.mixup import Mixup, build_criterion
-from alphadecay.vit.model import build_vit, count_parameters, resolve_model_name
+from alphadecay.vit.model import build_vit, resolve_model_name
 from alphadecay.vit.train import ViTState, ViTTrainer
 from alphadecay.vit.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_eval_transform,
                                        build_train_transform)
@@ -150,8 +149,7 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
     raw_model.to(info.device)
     model: torch.nn.Module = raw_model
     if info.distributed:  # broadcasts rank 0's weights before the EMA copies them
-        model = DistributedDataParallel(raw_model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+        model = dist.ddp(raw_model, info)
     ema = ModelEma(raw_model, decay=config.model_ema_decay) if config.model_ema else None
     param_groups = build_param_groups(raw_model, weight_decay=config.weight_decay, decay_norms=config.decay_norms,
                                       decay_embeddings=config.decay_embeddings)
@@ -188,7 +186,12 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
         logger = MetricsLogger(run_dir, enabled=False, project=config.project, name=config.wandb_name, mode="disabled",
                                config={})
     else:
-        logger = start_logging(config, info, run_dir, raw_model, optimizer, run_provenance, state.step, saved)
+        logger = start_logging(config, info, run_dir, raw_model, optimizer, run_provenance, state.step, saved,
+                               project=config.project, mode=config.wandb_mode if config.enable_wandb else "disabled",
+                               extra={"model_resolved": resolve_model_name(config.model)})
+        if config.use_modulewise_wd:
+            log0(info, "note: the module-wise pass runs at the first update of every epoch, as in the official ViT "
+                       "code (--unbalancedWD_every is ignored for the ViT)")
     log0(info, f"model {config.model}: {count_parameters(raw_model) / 1e6:.2f}M parameters, {num_classes} classes, "
                f"{config.input_size} px, {dtype_name} on {info.device} x {info.world_size}; optimizer "
                f"{config.optimizer} ({optimizer_impl} kernel); weight decay: {config.wd_method()}; {config.epochs} epochs x "
@@ -203,23 +206,3 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
                       updates_per_epoch=updates_per_epoch, warmup_updates=warmup_updates, autocast=autocast,
                       state=state)
 
-
-def start_logging(config: ViTConfig, info: dist.DistInfo, run_dir: str, model, optimizer, run_provenance: dict,
-                  step: int, saved: dict | None) -> MetricsLogger:
-    """config.json with the provenance, metrics.jsonl and wandb (rank 0), and the run's description on stdout."""
-    run_info = {**config.to_dict(), **run_provenance, "total_params_M": count_parameters(model) / 1e6,
-                "wd_method": config.wd_method(), "model_resolved": resolve_model_name(config.model)}
-    if info.is_main:
-        config_lib.save(config, os.path.join(run_dir, "config.json"), provenance=run_provenance)
-    logger = MetricsLogger(run_dir, enabled=info.is_main, project=config.project, name=config.wandb_name,
-                           mode=config.wandb_mode if config.enable_wandb else "disabled", config=run_info,
-                           resume_step=step, wandb_id=saved.get("wandb_id") if saved else None)
-    logger.record({"provenance": run_provenance}, step=step)
-    log0(info, f"{config.table()}\n\n{describe(optimizer.param_groups)}\n")
-    if config.use_modulewise_wd and not config.alpha_positively_with_WD:
-        log0(info, "note: --use_modulewise_wd without --alpha_positively_with_WD measures and logs the module-wise "
-                   "metrics but keeps every decay at its base value (add --alpha_positively_with_WD to apply them)")
-    if config.use_modulewise_wd:
-        log0(info, "note: the module-wise pass runs at the first update of every epoch, as in the official ViT code "
-                   "(--unbalancedWD_every is ignored for the ViT)")
-    return logger
