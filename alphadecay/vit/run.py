@@ -29,7 +29,7 @@ from alphadecay.vit.data import (EvalSamples, ImageFolder, TrainOrder, TrainSamp
 from alphadecay.vit.ema import ModelEma
 from alphadecay.vit.mixup import Mixup, build_criterion
 from alphadecay.vit.model import build_vit, resolve_model_name
-from alphadecay.vit.train import ViTState, ViTTrainer
+from alphadecay.vit.train import ViTState, ViTTrainer, run_layout
 from alphadecay.vit.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_eval_transform,
                                        build_train_transform)
 
@@ -159,8 +159,7 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
     optimizer_impl = resolve_optimizer_impl(config.optimizer_impl, config.optimizer, info.device)
     wd_scheduler = build_wd_scheduler(config, raw_model, optimizer.param_groups, vit_family(updates_per_epoch))
 
-    trainer_layout = {"world_size": info.world_size, "batch_size": config.batch_size,
-                      "update_freq": config.update_freq, "train_images": len(train), "seed": config.seed}
+    trainer_layout = run_layout(config, info.world_size, len(train))
     if saved and config.eval:
         state = ViTState(step=saved["step"])
         if ema is not None:

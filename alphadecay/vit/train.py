@@ -254,8 +254,11 @@ class ViTTrainer:
         dist.barrier()
 
     def layout(self) -> dict[str, int]:
-        """What fixes the data order, the augmentation draws and the RNG streams: a checkpoint resumes exactly only
-        under the same values (alphadecay/vit/run.py checks them)."""
-        return {"world_size": self.info.world_size, "batch_size": self.config.batch_size,
-                "update_freq": self.config.update_freq, "train_images": len(self.train_samples),
-                "seed": self.config.seed}
+        return run_layout(self.config, self.info.world_size, len(self.train_samples))
+
+
+def run_layout(config: ViTConfig, world_size: int, train_images: int) -> dict[str, int]:
+    """What fixes the data order, the augmentation draws and the RNG streams: a checkpoint resumes exactly only
+    under the same values (alphadecay/vit/run.py checks them)."""
+    return {"world_size": world_size, "batch_size": config.batch_size, "update_freq": config.update_freq,
+            "train_images": train_images, "seed": config.seed}
