@@ -67,11 +67,7 @@ class MetricsLogger:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self.record(metrics, step)
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
@@ -79,7 +75,7 @@ class MetricsLogger:
         """An event for metrics.jsonl only (not a time series for wandb), e.g. the run's provenance."""
         if self.enabled:
             with open(self.path, "a") as fh:
-                fh.write(json.dumps({"step": step, **event}) + "\n")
+                fh.write(json.dumps({"step": step, **{k: _clean(v) for k, v in event.items()}}) + "\n")
 
     def close(self) -> None:
         if self.wandb_run is not None:

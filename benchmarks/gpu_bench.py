@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import math
-import os
 import re
 import subprocess
 import sys

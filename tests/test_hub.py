@@ -71,7 +71,7 @@ def test_pretokenizing_from_the_hub_equals_pretokenizing_the_local_copy(hub, tmp
     done = subprocess.run(command, cwd=REPO, env=hub_env(hub, tmp_path / "hf_home"), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    local = pretokenize_dir(tmp_path / "local", max_rows=900)
+    pretokenize_dir(tmp_path / "local", max_rows=900)
 
     def files(directory):
         return {n: (directory / n).read_bytes() for n in sorted(os.listdir(directory)) if n.endswith(".bin")}
