@@ -29,7 +29,7 @@ import re
 import socket
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,27 +351,35 @@ def build_eval_rows(files: list[str], tokenizer, spec: RowSpec, *, target_tokens
     and kept in memory (the official code re-streams a seed-42 shuffle of the split, split by rank, every time).
     """
     documents = iter(DocumentStream(files, rank=0, world_size=1, seed=0, buffer_size=1, shuffle=False, repeat=False))
-    rows: list[torch.Tensor] = []
-    carry: list[int] = []
-    tokens = 0
-    while tokens < target_tokens:
-        texts = [t for _, t in zip(range(docs_per_chunk), documents)]
-        if not texts:
-            break
-        encoded = encode_documents(tokenizer, texts, spec)
-        if spec.packing:
+
+    def chunks() -> Iterator[torch.Tensor]:  # the split's rows, docs_per_chunk documents at a time
+        carry: list[int] = []
+        while texts := [t for _, t in zip(range(docs_per_chunk), documents)]:
+            encoded = encode_documents(tokenizer, texts, spec)
+            if not spec.packing:
+                yield pad_rows(encoded, spec).to(torch.int32)
+                continue
             carry.extend(t for ids in encoded for t in ids)
             full = len(carry) // spec.max_length * spec.max_length
-            chunk = torch.tensor(carry[:full], dtype=torch.int32).view(-1, spec.max_length)
+            yield torch.tensor(carry[:full], dtype=torch.int32).view(-1, spec.max_length)
             carry = carry[full:]
-            real = torch.full((len(chunk),), spec.max_length)
-        else:
-            chunk = pad_rows(encoded, spec).to(torch.int32)
-            real = (chunk != spec.pad_id).sum(dim=1)
+
+    return first_rows_reaching(chunks(), spec, target_tokens)
+
+
+def first_rows_reaching(chunks: Iterable[torch.Tensor], spec: RowSpec, target_tokens: int) -> tuple[torch.Tensor, bool]:
+    """(rows, exhausted): the shortest prefix of the rows in `chunks` (row blocks, read only as far as needed) whose
+    real tokens (non-pad in paper mode, all when packing) reach `target_tokens`; all of them, with exhausted True,
+    when they hold fewer. The evaluation set's cut, for streamed and pretokenized rows alike."""
+    rows: list[torch.Tensor] = []
+    tokens = 0
+    for chunk in chunks:
+        real = torch.full((len(chunk),), spec.max_length) if spec.packing else (chunk != spec.pad_id).sum(dim=1)
         cumulative = tokens + real.cumsum(0)
         keep = int((cumulative < target_tokens).sum()) + 1  # rows up to the first that reaches the target
         rows.append(chunk[:keep])
         tokens = int(cumulative[min(keep, len(chunk)) - 1]) if len(chunk) else tokens
-    exhausted = tokens < target_tokens
+        if tokens >= target_tokens:
+            break
     out = torch.cat(rows) if rows else torch.empty(0, spec.max_length, dtype=torch.int32)
-    return out, exhausted
+    return out, tokens < target_tokens

@@ -250,16 +250,7 @@ def build_eval_rows(dataset: Pretokenized, spec: data.RowSpec, *, target_tokens:
     target (then all of it is returned). The same on every rank; the trainer divides it by row.
     """
     split = dataset.split("validation")
-    chunks, tokens = [], 0
-    for start in range(0, len(split), chunk_rows):
-        rows = split.read(start, start + chunk_rows)
-        real = np.full(len(rows), rows.shape[1]) if spec.packing else (rows != spec.pad_id).sum(axis=1)
-        total = tokens + np.cumsum(real, dtype=np.int64)
-        reached = np.flatnonzero(total >= target_tokens)
-        if len(reached):
-            chunks.append(rows[: reached[0] + 1])
-            return torch.from_numpy(np.concatenate(chunks).astype(np.int64)), False
-        chunks.append(rows)
-        tokens = int(total[-1]) if len(total) else tokens
-    stacked = np.concatenate(chunks) if chunks else np.empty((0, split.max_length), dtype=np.int64)
-    return torch.from_numpy(stacked.astype(np.int64)), True
+    chunks = (torch.from_numpy(split.read(start, start + chunk_rows).astype(np.int64))
+              for start in range(0, len(split), chunk_rows))
+    rows, exhausted = data.first_rows_reaching(chunks, spec, target_tokens)
+    return rows.long(), exhausted
