@@ -63,6 +63,13 @@ class FlagConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]):
+        """The configuration a run's config.json holds: its known fields (the provenance, and keys of other
+        versions, are left out; fields it lacks take their defaults). Not validated."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
     def table(self) -> str:
         """The configuration as an aligned two-column table, one flag per line."""
         items = self.to_dict()

@@ -19,7 +19,6 @@ skipped). Pass steps are the `step` of the event, i.e. updates completed: the pa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -199,9 +198,8 @@ def method_label(config: dict | None) -> str | None:
         return None
     from alphadecay.config import TrainConfig
 
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        method = TrainConfig(**{k: v for k, v in config.items() if k in known}).wd_method()
+        method = TrainConfig.from_saved(config).wd_method()
     except TypeError:
         return None
     return f"{method}, {config.get('optimizer', '?')}, wd {config.get('weight_decay', float('nan')):g}"

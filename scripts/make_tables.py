@@ -18,7 +18,7 @@ config.json and every start's `provenance` event in metrics.jsonl): otherwise th
 naming the field and the runs, unless --allow_mixed, which averages them and marks the cell with †. Runs that
 differ in other settings are averaged with a warning. `eval_ppl` is the token-weighted perplexity; `--official` uses
 `eval_ppl_official`, the official code's estimator (biased low, ~3% at the paper's 10M evaluation tokens),
-which is what the paper reports. Standard library only (plus this repository's alphadecay.config, which is
+which is what the paper reports. Standard library only (plus this repository's alphadecay.config and alphadecay.metrics, which are
 standard library too).
 """
 
@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alphadecay.config import PROVENANCE_KEYS, TrainConfig  # noqa: E402  (needs the repository root on sys.path)
+from alphadecay.metrics import read_metrics  # noqa: E402
 
 METHOD_LABELS = {"uniform": "Uniform", "awd": "AWD", "adadecay": "AdaDecay", "alphadecay": "AlphaDecay"}
 OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW"}
@@ -72,18 +73,14 @@ def load_run(path: str) -> Run:
     """A run directory's configuration and last evaluation event."""
     with open(os.path.join(path, "config.json")) as fh:
         saved = json.load(fh)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    config = TrainConfig.from_saved(saved)
     last_eval = None
     recorded = []
-    with open(os.path.join(path, "metrics.jsonl")) as fh:
-        for line in fh:
-            if line.strip():
-                event = json.loads(line)
-                if "eval_ppl" in event:
-                    last_eval = event
-                if "provenance" in event:
-                    recorded.append(event["provenance"])
+    for event in read_metrics(path):  # a run still writing its last line is read up to it
+        if "eval_ppl" in event:
+            last_eval = event
+        if "provenance" in event:
+            recorded.append(event["provenance"])
     recorded = recorded or [saved.get("provenance") or {}]  # runs from before provenance events: config.json's
     provenance = {key: tuple(dict.fromkeys(json.dumps(p.get(key)) for p in recorded)) for key in PROVENANCE_KEYS}
     return Run(path, config, last_eval, provenance)
