@@ -30,7 +30,7 @@ from torch import nn
 from alphadecay import esd
 from alphadecay.data import IGNORE_INDEX, RowSpec, labels_for
 from alphadecay.errors import UserError
-from alphadecay.param_groups import LINEAR_KINDS, linear_modules
+from alphadecay.wd.groups import LINEAR_KINDS, linear_modules
 
 PROBE_ROWS = 8
 

@@ -37,7 +37,7 @@ from alphadecay import data, dist, pretokenized
 from alphadecay.checkpoint import STATE_FILE, find_model_dir
 from alphadecay.config import TrainConfig, add_config_flags
 from alphadecay.errors import UserError
-from alphadecay.esd_report import load_model
+from alphadecay.esd.report import load_model
 from alphadecay.loss import row_loss_sums
 from alphadecay.model import cast_model
 

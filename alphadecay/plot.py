@@ -13,7 +13,7 @@ A run without alpha (AdaDecay drives its decays by gradient norms) gets the heat
 per-module figures. A run that is still going is read as far as it is written (a half-written last line is
 skipped). Pass steps are the `step` of the event, i.e. updates completed: the pass at initialisation shows as 1.
 
-`alphadecay.esd_report --plot` uses `esd_figure` and `overview_figure` for one model's spectra.
+`alphadecay.esd.report --plot` uses `esd_figure` and `overview_figure` for one model's spectra.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from alphadecay.errors import UserError
-from alphadecay.param_groups import LINEAR_KINDS, layer_index
+from alphadecay.wd.groups import LINEAR_KINDS, layer_index
 
 DPI = 100
 KINDS = ("q", "k", "v", "o", "gate", "up", "down", "head")

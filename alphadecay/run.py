@@ -28,9 +28,9 @@ from alphadecay.loss import CausalLMLoss, target_count
 from alphadecay.metrics import MetricsLogger
 from alphadecay.model import build_model, cast_model, count_parameters, load_model_config
 from alphadecay.optim import build_optimizer, resolve_optimizer_impl
-from alphadecay.param_groups import build_param_groups, describe
+from alphadecay.wd.groups import build_param_groups, describe
 from alphadecay.scaling import apply_scaling_rule
-from alphadecay.schedulers import build_wd_scheduler
+from alphadecay.wd.registry import build_wd_scheduler
 from alphadecay.trainer import Trainer, TrainState
 
 

@@ -31,7 +31,7 @@ from alphadecay.evaluate import evaluate_rows
 from alphadecay.loss import CausalLMLoss, target_count
 from alphadecay.mfu import device_peak_flops, llama_flops_per_token, throughput_metrics
 from alphadecay.optim import lr_factor, set_learning_rate
-from alphadecay.param_groups import apply_multipliers, mean_weight_decay
+from alphadecay.wd.groups import apply_multipliers, mean_weight_decay
 
 
 @dataclass

@@ -54,10 +54,10 @@ from alphadecay.metrics import read_metrics  # noqa: E402
 from alphadecay.mfu import device_peak_flops, llama_flops_per_token  # noqa: E402
 from alphadecay.model import build_model, load_model_config  # noqa: E402
 from alphadecay.optim import build_optimizer  # noqa: E402
-from alphadecay.param_groups import build_param_groups  # noqa: E402
+from alphadecay.wd.groups import build_param_groups  # noqa: E402
 from alphadecay.run import wrap_model  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
-from baselines.uniform import Uniform  # noqa: E402
+from alphadecay.wd.methods.uniform import Uniform  # noqa: E402
 from esd_pass import max_rel_alpha_diff  # noqa: E402
 
 PARTS = ("tests", "throughput", "largest", "esd", "run")

@@ -25,8 +25,8 @@ from alphadecay import dist  # noqa: E402
 from alphadecay.config import parse_args  # noqa: E402
 from alphadecay.model import build_model, load_model_config  # noqa: E402
 from alphadecay.optim import build_optimizer  # noqa: E402
-from alphadecay.param_groups import build_param_groups  # noqa: E402
-from alphadecay.schedulers import build_wd_scheduler  # noqa: E402
+from alphadecay.wd.groups import build_param_groups  # noqa: E402
+from alphadecay.wd.registry import build_wd_scheduler  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
 
 

@@ -29,10 +29,10 @@ from alphadecay import dist  # noqa: E402
 from alphadecay.config import parse_args  # noqa: E402
 from alphadecay.model import build_model, count_parameters, load_model_config  # noqa: E402
 from alphadecay.optim import build_optimizer  # noqa: E402
-from alphadecay.param_groups import build_param_groups  # noqa: E402
+from alphadecay.wd.groups import build_param_groups  # noqa: E402
 from alphadecay.run import wrap_model  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
-from baselines.uniform import Uniform  # noqa: E402
+from alphadecay.wd.methods.uniform import Uniform  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

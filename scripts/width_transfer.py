@@ -155,7 +155,7 @@ def init_values(model_config: Path, seed: int) -> dict[str, float]:
     """σ_max means per kind of the freshly initialised model (the same for every scheme)."""
     from alphadecay.diagnostics import top_singular_values
     from alphadecay.model import build_model, load_model_config
-    from alphadecay.param_groups import LINEAR_KINDS
+    from alphadecay.wd.groups import LINEAR_KINDS
 
     sigma = top_singular_values(build_model(load_model_config(str(model_config)), seed=seed))
     by_kind: dict[str, list[float]] = {}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from alphadecay.assign import assign, layerwise_sigmoid, linear_map, log2_map, sqrt_map
+from alphadecay.wd.assign import assign, layerwise_sigmoid, linear_map, log2_map, sqrt_map
 
 
 def test_linear_map_endpoints_and_midpoint():

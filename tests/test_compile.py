@@ -16,10 +16,10 @@ from alphadecay.config import parse_args
 from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.param_groups import build_param_groups
+from alphadecay.wd.groups import build_param_groups
 from alphadecay.run import resolve_compile, wrap_model
 from alphadecay.trainer import Trainer
-from baselines.uniform import Uniform
+from alphadecay.wd.methods.uniform import Uniform
 from tests.conftest import TINY_CONFIG, by_step, free_port, read_metrics, run_main, train_args
 from tests.test_training import make_rows
 

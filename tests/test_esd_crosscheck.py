@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from alphadecay import esd
-from alphadecay.esd_report import load_model
-from alphadecay.param_groups import linear_modules
+from alphadecay.esd.report import load_model
+from alphadecay.wd.groups import linear_modules
 
 
 def pareto(a: float, size: int, seed: int) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alphadecay import esd
-from alphadecay.esd_report import main as esd_main
+from alphadecay.esd.report import main as esd_main
 from tests.test_esd import exact_eigs, with_spectrum
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alphadecay import esd
-from alphadecay.esd_report import main
+from alphadecay.esd.report import main
 from alphadecay.model import build_model, load_model_config
 from tests.conftest import REPO, TINY_CONFIG
 

@@ -14,8 +14,8 @@ from alphadecay import esd
 from alphadecay.config import parse_args
 from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
-from alphadecay.modulewise import ModulewiseDecay
-from alphadecay.param_groups import build_param_groups
+from alphadecay.wd.methods.modulewise import ModulewiseDecay
+from alphadecay.wd.groups import build_param_groups
 from tests.conftest import TINY_CONFIG, free_port, train_args
 from tests.test_esd import exact_eigs, gen, with_spectrum
 

@@ -11,10 +11,10 @@ from alphadecay.data import IGNORE_INDEX
 from alphadecay.loss import CausalLMLoss, chunked_cross_entropy_sum
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.param_groups import build_param_groups
+from alphadecay.wd.groups import build_param_groups
 from alphadecay.run import wrap_model
 from alphadecay.trainer import Trainer
-from baselines.uniform import Uniform
+from alphadecay.wd.methods.uniform import Uniform
 from tests.conftest import TINY_CONFIG, by_step, read_metrics, run_main, train_args
 
 pytestmark = pytest.mark.gpu

@@ -11,9 +11,9 @@ from alphadecay.data import IGNORE_INDEX
 from alphadecay.loss import CausalLMLoss, chunked_cross_entropy_sum, full_token_loss_sum, row_loss_sums
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.param_groups import build_param_groups
+from alphadecay.wd.groups import build_param_groups
 from alphadecay.trainer import Trainer
-from baselines.uniform import Uniform
+from alphadecay.wd.methods.uniform import Uniform
 from tests.conftest import TINY_CONFIG
 
 CPU1 = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

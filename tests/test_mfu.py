@@ -9,9 +9,9 @@ from alphadecay.config import parse_args
 from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.param_groups import build_param_groups
+from alphadecay.wd.groups import build_param_groups
 from alphadecay.trainer import Trainer
-from baselines.uniform import Uniform
+from alphadecay.wd.methods.uniform import Uniform
 from tests.conftest import REPO, TINY_CONFIG
 
 

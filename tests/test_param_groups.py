@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alphadecay.model import build_model, load_model_config
-from alphadecay.param_groups import apply_multipliers, build_param_groups, linear_modules, mean_weight_decay
+from alphadecay.wd.groups import apply_multipliers, build_param_groups, linear_modules, mean_weight_decay
 from tests.conftest import REPO
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from alphadecay import plot
 from alphadecay.config import TrainConfig
-from alphadecay.esd_report import main as esd_main
+from alphadecay.esd.report import main as esd_main
 from alphadecay.metrics import read_metrics
 from tests.conftest import REPO, TINY_CONFIG
 

@@ -11,7 +11,7 @@ from alphadecay.diagnostics import sublayer_gains, top_singular_values
 from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.param_groups import apply_multipliers, build_param_groups
+from alphadecay.wd.groups import apply_multipliers, build_param_groups
 from alphadecay.scaling import apply_scaling_rule, parameter_class
 from tests.conftest import TINY_CONFIG, read_metrics, run_main, train_args
 

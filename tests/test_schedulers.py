@@ -13,10 +13,10 @@ import torch.multiprocessing as mp
 from alphadecay.config import parse_args
 from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
-from alphadecay.modulewise import ModulewiseDecay, tuned_modules
-from alphadecay.param_groups import apply_multipliers, build_param_groups
-from alphadecay.schedulers import build_wd_scheduler
-from baselines.awd import AWD
+from alphadecay.wd.methods.modulewise import ModulewiseDecay, tuned_modules
+from alphadecay.wd.groups import apply_multipliers, build_param_groups
+from alphadecay.wd.registry import build_wd_scheduler
+from alphadecay.wd.methods.awd import AWD
 from tests.conftest import TINY_CONFIG, by_step, free_port, read_metrics, run_main, train_args
 
 ATTENTION = ("q", "k", "v", "o")

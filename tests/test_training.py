@@ -19,9 +19,9 @@ from alphadecay.data import IGNORE_INDEX
 from alphadecay.loss import CausalLMLoss
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.param_groups import build_param_groups
+from alphadecay.wd.groups import build_param_groups
 from alphadecay.trainer import StopFlag, Trainer
-from baselines.uniform import Uniform
+from alphadecay.wd.methods.uniform import Uniform
 from tests.conftest import (REPO, TINY_CONFIG, by_step, free_port, read_metrics, run_main, run_subprocess,
                             train_args)
 

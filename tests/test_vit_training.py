@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from alphadecay import dist
 from alphadecay.optim import make_optimizer
-from alphadecay.param_groups import build_param_groups
-from alphadecay.schedulers import build_wd_scheduler, vit_family
+from alphadecay.wd.groups import build_param_groups
+from alphadecay.wd.registry import build_wd_scheduler, vit_family
 from alphadecay.vit.config import parse_vit_args
 from alphadecay.vit.data import TrainOrder, TrainSamples, load_batches, load_image_folders
 from alphadecay.vit.mixup import build_criterion

@@ -7,9 +7,9 @@ import torch
 
 from alphadecay import config as config_lib
 from alphadecay import esd
-from alphadecay.modulewise import ModulewiseDecay, tuned_modules
-from alphadecay.param_groups import as_matrix, build_param_groups, weight_modules
-from alphadecay.schedulers import METHODS, Method, build_wd_scheduler, vit_family
+from alphadecay.wd.methods.modulewise import ModulewiseDecay, tuned_modules
+from alphadecay.wd.groups import as_matrix, build_param_groups, weight_modules
+from alphadecay.wd.registry import METHODS, Method, build_wd_scheduler, vit_family
 from alphadecay.vit.config import parse_vit_args
 from alphadecay.vit.model import build_vit
 
@@ -128,7 +128,7 @@ def test_choices_come_from_the_registry_and_a_new_method_needs_one_entry(monkeyp
 
     class Constant:  # every group's decay x 2, once, at update 0
         def step(self, step, model):
-            from alphadecay.schedulers import WDUpdate
+            from alphadecay.wd.registry import WDUpdate
 
             return WDUpdate({g: 2.0 for g in self.names}) if step == 0 else None
 

@@ -19,10 +19,10 @@ from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_stat
 from alphadecay.errors import UserError
 from alphadecay.metrics import MetricsLogger
 from alphadecay.optim import make_optimizer, resolve_optimizer_impl
-from alphadecay.param_groups import build_param_groups
+from alphadecay.wd.groups import build_param_groups
 from alphadecay.model import count_parameters
 from alphadecay.run import log0, start_logging, where_it_ran
-from alphadecay.schedulers import build_wd_scheduler, vit_family
+from alphadecay.wd.registry import build_wd_scheduler, vit_family
 from alphadecay.vit.config import ViTConfig
 from alphadecay.vit.data import (EvalSamples, ImageFolder, TrainOrder, TrainSamples, find_unreadable,
                                  load_image_folders, unreadable_error)

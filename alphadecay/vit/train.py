@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from alphadecay import dist
 from alphadecay.checkpoint import rng_state, save_checkpoint
 from alphadecay.optim import lr_factor, set_learning_rate
-from alphadecay.param_groups import apply_multipliers, mean_weight_decay
+from alphadecay.wd.groups import apply_multipliers, mean_weight_decay
 from alphadecay.trainer import StopFlag
 from alphadecay.vit.config import ViTConfig
 from alphadecay.vit.data import EvalSamples, TrainOrder, TrainSamples, eval_indices, load_batches, topk_correct

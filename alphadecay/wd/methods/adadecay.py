@@ -19,8 +19,8 @@ from __future__ import annotations
 from torch import nn
 
 from alphadecay.config import TrainConfig
-from alphadecay.modulewise import ModulewiseDecay
-from alphadecay.schedulers import LLAMA, Family
+from alphadecay.wd.methods.modulewise import ModulewiseDecay
+from alphadecay.wd.registry import LLAMA, Family
 
 
 def build_adadecay(config: TrainConfig, model: nn.Module, param_groups: list[dict],

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from alphadecay import dist
-from alphadecay.schedulers import Family, WDUpdate
+from alphadecay.wd.registry import Family, WDUpdate
 
 
 def global_norms(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

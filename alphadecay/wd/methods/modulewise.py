@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from alphadecay import dist, esd
-from alphadecay.assign import assign
+from alphadecay.wd.assign import assign
 from alphadecay.config import TrainConfig
-from alphadecay.param_groups import as_matrix, weight_modules
-from alphadecay.schedulers import LLAMA, Family, WDUpdate
+from alphadecay.wd.groups import as_matrix, weight_modules
+from alphadecay.wd.registry import LLAMA, Family, WDUpdate
 
 GRADNORM_AT_INIT = 10.0  # the official placeholder when a module has no gradient yet
 SPECTRAL_METRICS = {"alpha", "alphahat", "spectral_norm", "stable_rank", "entropy", "fnorm", "gradnorm_d_weightnorm"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from alphadecay.schedulers import Family, WDUpdate
+from alphadecay.wd.registry import Family, WDUpdate
 
 
 class Uniform:

@@ -8,7 +8,7 @@ WᵀW), stable rank, and the weight decay AlphaDecay would give it for --weight_
 and the fit and exclusion flags (blank for modules it leaves at the base decay); then the mean alpha of the
 attention and the MLP matrices and the spread of the assigned decays. `--json FILE` writes
 {"modules": [{"name", "shape", "alpha", "D", "sigma_max", "stable_rank", "weight_decay"}, ...]}.
-`--esd_estimator farms` fits alpha on FARMS' fixed-aspect-ratio submatrices (alphadecay/esd.py). `--plot DIR`
+`--esd_estimator farms` fits alpha on FARMS' fixed-aspect-ratio submatrices (alphadecay/esd/spectral.py). `--plot DIR`
 draws each module's log-log ESD with its fitted power law (`esd_<module>.png`, `esd_farms_<module>.png` for
 FARMS; `--plot_modules REGEX` limits them) and one overview of alpha and the assigned decay per module
 (`alpha_and_decay_by_module[_farms].png`).
@@ -26,11 +26,11 @@ import sys
 import torch
 
 from alphadecay import esd
-from alphadecay.assign import assign
+from alphadecay.wd.assign import assign
 from alphadecay.config import add_config_flags, check_farms
 from alphadecay.errors import UserError
-from alphadecay.modulewise import SPECTRAL_METRICS, tuned_modules
-from alphadecay.param_groups import LINEAR_KINDS, layer_index, linear_modules
+from alphadecay.wd.methods.modulewise import SPECTRAL_METRICS, tuned_modules
+from alphadecay.wd.groups import LINEAR_KINDS, layer_index, linear_modules
 
 
 # The training flags this report takes too: how alpha is estimated and which modules AlphaDecay tunes.

@@ -694,9 +694,3 @@ def _reference_window(x: torch.Tensor, official: bool) -> tuple[float, float]:
 
 def _valid_fit(alpha: float, d: float) -> tuple[float, float]:
     return (alpha, d) if math.isfinite(alpha) and math.isfinite(d) else (math.nan, math.nan)
-
-
-if __name__ == "__main__":  # python -m alphadecay.esd PATH: the per-module report (alphadecay/esd_report.py)
-    from alphadecay.esd_report import main
-
-    raise SystemExit(main())

@@ -58,13 +58,13 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "uniform": Method("baselines.uniform:build", "one decay for all (the paper's Uniform)"),
-    "awd": Method("baselines.awd:build", "AWD, Ghiasi et al. 2023 (the paper's baseline1)",
+    "uniform": Method("alphadecay.wd.methods.uniform:build", "one decay for all (the paper's Uniform)"),
+    "awd": Method("alphadecay.wd.methods.awd:build", "AWD, Ghiasi et al. 2023 (the paper's baseline1)",
                   {"use_AWD_NeurIPS2023": True}),
-    "adadecay": Method("baselines.adadecay:build_adadecay", "AdaDecay, Nakamura & Hong 2019 (baseline2)",
+    "adadecay": Method("alphadecay.wd.methods.adadecay:build_adadecay", "AdaDecay, Nakamura & Hong 2019 (baseline2)",
                        {"use_modulewise_wd": True, "alpha_positively_with_WD": True,
                         "esd_metric_for_tb": "gradnorm", "assign_func": "layerwise_sigmoid"}),
-    "alphadecay": Method("alphadecay.modulewise:build_alphadecay", "AlphaDecay, He et al. 2025",
+    "alphadecay": Method("alphadecay.wd.methods.modulewise:build_alphadecay", "AlphaDecay, He et al. 2025",
                          {"use_modulewise_wd": True, "alpha_positively_with_WD": True,
                           "esd_metric_for_tb": "alpha", "assign_func": "tb_linear_map"}),
 }

@@ -1,0 +1,1 @@
+"""alphadecay.wd: weight-decay methods as a library."""

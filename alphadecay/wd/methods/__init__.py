@@ -1,0 +1,1 @@
+"""The weight-decay methods, one file each; alphadecay/wd/registry.py names them."""

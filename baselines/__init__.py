@@ -1,1 +1,0 @@
-"""The paper's baselines behind the weight-decay scheduler interface: Uniform, AWD, AdaDecay."""
