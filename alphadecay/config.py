@@ -25,15 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from alphadecay.errors import UserError
-from alphadecay.wd.registry import METHODS
+from alphadecay.wd.registry import ASSIGN_FUNCS, ESTIMATORS, FITS, METHODS, METRICS
 
 WD_SCHEDULERS = tuple(METHODS)  # the weight-decay methods' registry (alphadecay/wd/registry.py)
-ESD_METRICS = (
-    "alpha", "alphahat", "spectral_norm", "stable_rank", "entropy", "fnorm", "gradnorm", "gradnorm_d_weightnorm",
-)
-ASSIGN_FUNCS = ("tb_linear_map", "tb_sqrt", "tb_log2", "layerwise_sigmoid")
-PL_FITTINGS = ("median", "fix-finger", "goodness-of-fit")
-ESD_ESTIMATORS = ("full", "farms")  # alphadecay/esd/spectral.py
+# the weight-decay options' choices come from the library's registry (alphadecay/wd/registry.py)
+ESD_METRICS, PL_FITTINGS, ESD_ESTIMATORS = METRICS, FITS, ESTIMATORS
 SCALING_RULES = ("none", "fan2025", "mup_lr")  # alphadecay/scaling.py
 SCALING_HEADS = ("matrix", "vector")
 OPTIMIZER_IMPLS = ("official", "foreach", "fused", "forloop")  # alphadecay/optim.py

@@ -30,7 +30,7 @@ from torch import nn
 from alphadecay import esd
 from alphadecay.data import IGNORE_INDEX, RowSpec, labels_for
 from alphadecay.errors import UserError
-from alphadecay.wd.groups import LINEAR_KINDS, linear_modules
+from alphadecay.wd.groups import linear_modules, module_kind
 
 PROBE_ROWS = 8
 
@@ -103,7 +103,7 @@ class ScalingDiagnostics:
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         sigma = top_singular_values(model)
-        kinds = {name: LINEAR_KINDS.get(name.rsplit(".", 1)[-1], "linear") for name in sigma}
+        kinds = {name: module_kind(name) for name in sigma}
         gains = sublayer_gains(model, self.input_ids, self.mask)
         return {**{f"sigma_max/{n}": v for n, v in sigma.items()},
                 **{f"sigma_max_mean/{k}": v for k, v in _means(sigma, kinds.get).items()},

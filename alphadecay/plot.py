@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from alphadecay.errors import UserError
-from alphadecay.wd.groups import LINEAR_KINDS, layer_index
+from alphadecay.wd.groups import layer_index, module_kind
 
 DPI = 100
 KINDS = ("q", "k", "v", "o", "gate", "up", "down", "head")
@@ -46,10 +46,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def module_kind(name: str) -> str:
-    return LINEAR_KINDS.get(name.rsplit(".", 1)[-1], "linear")
 
 
 def short_name(name: str) -> str:

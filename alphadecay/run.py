@@ -28,9 +28,9 @@ from alphadecay.loss import CausalLMLoss, target_count
 from alphadecay.metrics import MetricsLogger
 from alphadecay.model import build_model, cast_model, count_parameters, load_model_config
 from alphadecay.optim import build_optimizer, resolve_optimizer_impl
-from alphadecay.wd.groups import build_param_groups, describe
+from alphadecay.wd.groups import describe, module_param_groups
+from alphadecay.wd.scheduler import from_flags, legacy_state
 from alphadecay.scaling import apply_scaling_rule
-from alphadecay.wd.registry import build_wd_scheduler
 from alphadecay.trainer import Trainer, TrainState
 
 
@@ -197,7 +197,7 @@ def restore(saved: dict, optimizer, wd_scheduler, train_batches, info: dist.Dist
                         f"resume it with the same number (this run has {info.world_size}), or train from "
                         f"pretokenized data (python -m alphadecay.pretokenize), which resumes on any number.")
     optimizer.load_state_dict(saved["optimizer"])
-    wd_scheduler.load_state_dict(saved["wd_scheduler"])
+    wd_scheduler.load_state_dict(legacy_state(saved["wd_scheduler"], saved["step"]))
     train_batches.load_state_dict(saved["data"][0 if portable else info.rank])
     set_rng_state(saved["rng"][info.rank % len(saved["rng"])])
     return TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], train_time=saved["train_time"])
@@ -218,13 +218,13 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     cast_model(raw_model, info.device, dtype)
     if config.activation_checkpointing:
         raw_model.gradient_checkpointing_enable()
-    param_groups = build_param_groups(raw_model, weight_decay=config.weight_decay, decay_norms=config.decay_norms,
-                                      decay_embeddings=config.decay_embeddings)
+    param_groups = module_param_groups(raw_model, config.weight_decay, decay_norms=config.decay_norms,
+                                       decay_embeddings=config.decay_embeddings)
     apply_scaling_rule(param_groups, rule=config.scaling_rule, width=inputs.model_config.hidden_size,
                        base_width=config.base_width, head=config.scaling_head)
     optimizer = build_optimizer(param_groups, config, info.device)
     optimizer_impl = resolve_optimizer_impl(config.optimizer_impl, config.optimizer, info.device)
-    wd_scheduler = build_wd_scheduler(config, raw_model, optimizer.param_groups)
+    wd_scheduler = from_flags(config, raw_model, optimizer)
 
     if inputs.pretokenized is not None:  # one global permutation; each rank takes its share of every batch
         train_batches = inputs.pretokenized.train_batches(

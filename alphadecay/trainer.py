@@ -8,7 +8,7 @@ One update (`train_step`):
      is exactly that of the token-mean loss over the global batch, however it is split into ranks and
      micro-batches (the official code averages per-micro-batch means instead; identical when GA=1 on one GPU);
   3. optional gradient clipping;
-  4. the weight-decay scheduler, then `optimizer.step()`.
+  4. the weight-decay scheduler (alphadecay.wd: it sets the groups' decays by name), then `optimizer.step()`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from alphadecay.evaluate import evaluate_rows
 from alphadecay.loss import CausalLMLoss, target_count
 from alphadecay.mfu import device_peak_flops, llama_flops_per_token, throughput_metrics
 from alphadecay.optim import lr_factor, set_learning_rate
-from alphadecay.wd.groups import apply_multipliers, mean_weight_decay
+from alphadecay import wd
+from alphadecay.wd.groups import mean_weight_decay
 
 
 @dataclass
@@ -96,19 +97,21 @@ class Trainer:
         self.peak_flops = device_peak_flops(info.device, config.peak_tflops)
 
     @classmethod
-    def for_updates(cls, config: TrainConfig, info: dist.DistInfo, model: torch.nn.Module, optimizer, wd_scheduler,
-                    raw_model: torch.nn.Module | None = None) -> Trainer:
+    def for_updates(cls, config: TrainConfig, info: dist.DistInfo, model: torch.nn.Module, optimizer,
+                    wd_scheduler: wd.Scheduler | None = None, raw_model: torch.nn.Module | None = None) -> Trainer:
         """A trainer that only runs `train_step` on batches it is given: no data, evaluation, logging or saving
         (for tests and benchmarks). `model` is the raw model (then wrapped in CausalLMLoss with
-        --loss_chunk_tokens), or, with `raw_model` given, the module train_step runs."""
+        --loss_chunk_tokens), or, with `raw_model` given, the module train_step runs. Without a weight-decay
+        scheduler, Uniform."""
         if raw_model is None or model is raw_model:
             raw_model, model = model, CausalLMLoss(model, config.loss_chunk_tokens)
+        wd_scheduler = wd_scheduler or wd.create("uniform", raw_model, optimizer)
         return cls(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
                    wd_scheduler=wd_scheduler, train_batches=None, eval_rows=None, row_spec=None, logger=None,
                    run_dir="", total_steps=0, grad_accum=1, autocast=contextlib.nullcontext(), state=TrainState())
 
     # -- one update ------------------------------------------------------------------------------------------
-    def train_step(self, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int, bool, dict]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int, bool, dict]:
         """One optimizer update; returns (local loss sum, global targets, global input tokens, stop, wd metrics)."""
         device = self.info.device
         inputs = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)  # non-pad input tokens
@@ -124,13 +127,9 @@ class Trainer:
                                         batch["labels"].to(device, non_blocking=True))
             (micro_loss * scale).backward()
             loss_sum += micro_loss.detach().double()
-        wd_metrics: dict = {}
         if self.config.grad_clipping > 0:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clipping)
-        update = self.wd_scheduler.step(step, self.raw_model)
-        if update is not None:
-            apply_multipliers(self.optimizer, update.multipliers)
-            wd_metrics.update(update.metrics)
+        wd_metrics = self.wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, int(targets), int(inputs), stop > 0, wd_metrics
@@ -152,7 +151,7 @@ class Trainer:
                 micro = [next(batches) for _ in range(self.grad_accum)]
                 self.data_state = micro[-1][1]
                 start = time.perf_counter()
-                loss_sum, targets, tokens, stop, wd_metrics = self.train_step(step, [b for b, _ in micro])
+                loss_sum, targets, tokens, stop, wd_metrics = self.train_step([b for b, _ in micro])
                 elapsed = time.perf_counter() - start
                 self.state.step, self.state.tokens_seen = step + 1, self.state.tokens_seen + tokens
                 self.state.train_time += elapsed

@@ -54,10 +54,9 @@ from alphadecay.metrics import read_metrics  # noqa: E402
 from alphadecay.mfu import device_peak_flops, llama_flops_per_token  # noqa: E402
 from alphadecay.model import build_model, load_model_config  # noqa: E402
 from alphadecay.optim import build_optimizer  # noqa: E402
-from alphadecay.wd.groups import build_param_groups  # noqa: E402
+from alphadecay.wd.groups import module_param_groups  # noqa: E402
 from alphadecay.run import wrap_model  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
-from alphadecay.wd.methods.uniform import Uniform  # noqa: E402
 from esd_pass import max_rel_alpha_diff  # noqa: E402
 
 PARTS = ("tests", "throughput", "largest", "esd", "run")
@@ -151,11 +150,11 @@ def measure_updates(size: str, micro_batch: int, *, compiled: bool, chunk: int, 
     free_memory(device)
     try:
         raw = new_model(size, plan)
-        optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, device)
+        optimizer = build_optimizer(module_param_groups(raw, 0.1), config, device)
         model = wrap_model(raw, config, info, compile=False)
         if compiled:  # what --compile true does (wrap_model), with the plan's backend
             model = torch.compile(model, backend=plan.compile_backend)
-        trainer = Trainer.for_updates(config, info, model, optimizer, Uniform(), raw_model=raw)
+        trainer = Trainer.for_updates(config, info, model, optimizer, raw_model=raw)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(3, raw.config.vocab_size, (micro_batch, plan.max_length), generator=gen).to(device)
         batch = [{"input_ids": ids, "labels": ids}]
@@ -163,12 +162,12 @@ def measure_updates(size: str, micro_batch: int, *, compiled: bool, chunk: int, 
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         for _ in range(plan.warmup):
-            trainer.train_step(1, batch)
+            trainer.train_step(batch)
         sync(device)
         warmup_s = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(timed):
-            trainer.train_step(1, batch)
+            trainer.train_step(batch)
         sync(device)
         seconds = time.perf_counter() - start
         rate = timed * ids.numel() / seconds

@@ -25,9 +25,9 @@ from alphadecay import dist  # noqa: E402
 from alphadecay.config import parse_args  # noqa: E402
 from alphadecay.model import build_model, load_model_config  # noqa: E402
 from alphadecay.optim import build_optimizer  # noqa: E402
-from alphadecay.wd.groups import build_param_groups  # noqa: E402
-from alphadecay.wd.registry import build_wd_scheduler  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
+from alphadecay.wd.groups import module_param_groups  # noqa: E402
+from alphadecay.wd.scheduler import from_flags  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -40,15 +40,15 @@ def make_trainer(method: str, args, device: torch.device, dtype: torch.dtype) ->
                             "--weight_decay", "0.1", "--wd_scheduler", method, "--unbalancedWD_every", str(args.every),
                             "--wd_max_ratio", "5", "--wd_min_ratio", "0.6666"])
     model = build_model(load_model_config(config.model_config), seed=0).to(device=device, dtype=dtype)
-    optimizer = build_optimizer(build_param_groups(model, weight_decay=0.1), config, device)
-    scheduler = build_wd_scheduler(config, model, optimizer.param_groups)
+    optimizer = build_optimizer(module_param_groups(model, 0.1), config, device)
+    scheduler = from_flags(config, model, optimizer)
     return Trainer.for_updates(config, dist.DistInfo(0, 0, 1, device), model, optimizer, scheduler)
 
 
-def timed_step(trainer: Trainer, step: int, batch: dict, device: torch.device) -> float:
+def timed_step(trainer: Trainer, batch: dict, device: torch.device) -> float:
     sync(device)
     start = time.perf_counter()
-    trainer.train_step(step, [batch])
+    trainer.train_step([batch])
     sync(device)
     return time.perf_counter() - start
 
@@ -57,11 +57,11 @@ def interleaved(args, device: torch.device, dtype: torch.dtype, batches: list[di
     """Per-update seconds of Uniform and AlphaDecay, their updates alternating so machine drift hits both alike."""
     uniform, alpha = (make_trainer(m, args, device, dtype) for m in ("uniform", "alphadecay"))
     for trainer in (uniform, alpha):
-        trainer.train_step(args.every, [batches[0]])  # warm-up (not a pass step)
+        trainer.train_step([batches[0]])  # warm-up (update 0: AlphaDecay's pass at initialisation)
     times_u, times_a = [], []
-    for step, batch in enumerate(batches):
-        times_u.append(timed_step(uniform, step, batch, device))
-        times_a.append(timed_step(alpha, step, batch, device))
+    for batch in batches:  # updates 1, 2, ...: a pass whenever (update + 1) % every == 0
+        times_u.append(timed_step(uniform, batch, device))
+        times_a.append(timed_step(alpha, batch, device))
     return times_u, times_a
 
 
@@ -69,12 +69,13 @@ def pass_alone(args, device: torch.device, dtype: torch.dtype) -> float:
     """Median seconds of ModulewiseDecay.step at a pass step, outside training."""
     config, _ = parse_args(["--model_config", f"configs/llama_{args.config}.json", "--wd_scheduler", "alphadecay"])
     model = build_model(load_model_config(config.model_config), seed=0).to(device=device, dtype=dtype)
-    scheduler = build_wd_scheduler(config, model, build_param_groups(model, weight_decay=0.1))
+    optimizer = torch.optim.AdamW(module_param_groups(model, 0.1), lr=1e-3)
+    scheduler = from_flags(config, model, optimizer)
     times = []
     for _ in range(3):
         sync(device)
         start = time.perf_counter()
-        scheduler.step(0, model)
+        scheduler.rule.step(0, model)  # the pass alone, without applying its decays
         sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[1]

@@ -29,10 +29,9 @@ from alphadecay import dist  # noqa: E402
 from alphadecay.config import parse_args  # noqa: E402
 from alphadecay.model import build_model, count_parameters, load_model_config  # noqa: E402
 from alphadecay.optim import build_optimizer  # noqa: E402
-from alphadecay.wd.groups import build_param_groups  # noqa: E402
 from alphadecay.run import wrap_model  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
-from alphadecay.wd.methods.uniform import Uniform  # noqa: E402
+from alphadecay.wd.groups import module_param_groups  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -81,10 +80,10 @@ def bench(config_path: str, args, device: torch.device, dtype: torch.dtype) -> t
     step_fns = {"baseline": baseline_step}
     for mode in args.modes.split(","):
         raw = build_model(model_config, seed=0).to(device=device, dtype=dtype)
-        optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, device)
+        optimizer = build_optimizer(module_param_groups(raw, 0.1), config, device)
         model = wrap_model(raw, config, info, compile=mode == "compiled")
-        trainer = Trainer.for_updates(config, info, model, optimizer, Uniform(), raw_model=raw)
-        step_fns[mode] = lambda trainer=trainer: trainer.train_step(1, [batch])
+        trainer = Trainer.for_updates(config, info, model, optimizer, raw_model=raw)
+        step_fns[mode] = lambda trainer=trainer: trainer.train_step([batch])
     return alternating(step_fns, args.steps, args.warmup, device), count_parameters(baseline_model)
 
 

@@ -155,12 +155,12 @@ def init_values(model_config: Path, seed: int) -> dict[str, float]:
     """σ_max means per kind of the freshly initialised model (the same for every scheme)."""
     from alphadecay.diagnostics import top_singular_values
     from alphadecay.model import build_model, load_model_config
-    from alphadecay.wd.groups import LINEAR_KINDS
+    from alphadecay.wd.groups import module_kind
 
     sigma = top_singular_values(build_model(load_model_config(str(model_config)), seed=seed))
     by_kind: dict[str, list[float]] = {}
     for name, value in sigma.items():
-        by_kind.setdefault(LINEAR_KINDS.get(name.rsplit(".", 1)[-1], "linear"), []).append(value)
+        by_kind.setdefault(module_kind(name), []).append(value)
     return {f"sigma_max_mean/{kind}": float(np.mean(values)) for kind, values in by_kind.items()}
 
 

@@ -16,10 +16,9 @@ from alphadecay.config import parse_args
 from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.wd.groups import build_param_groups
+from alphadecay.wd.groups import module_param_groups
 from alphadecay.run import resolve_compile, wrap_model
 from alphadecay.trainer import Trainer
-from alphadecay.wd.methods.uniform import Uniform
 from tests.conftest import TINY_CONFIG, by_step, free_port, read_metrics, run_main, train_args
 from tests.test_training import make_rows
 
@@ -31,13 +30,13 @@ def losses_of_updates(compiled: bool, chunk: int, updates: int = 5) -> list[floa
     config, _ = parse_args(["--model_config", TINY_CONFIG, "--optimizer", "adamw", "--lr", "3e-3",
                             "--weight_decay", "0.1", "--loss_chunk_tokens", str(chunk)])
     raw = build_model(load_model_config(TINY_CONFIG), seed=0)
-    optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, CPU1.device)
+    optimizer = build_optimizer(module_param_groups(raw, 0.1), config, CPU1.device)
     model = wrap_model(raw, config, CPU1, compile=compiled)
-    trainer = Trainer.for_updates(config, CPU1, model, optimizer, Uniform(), raw_model=raw)
+    trainer = Trainer.for_updates(config, CPU1, model, optimizer, raw_model=raw)
     ids = torch.randint(3, 8000, (4, 64), generator=torch.Generator().manual_seed(0))
     losses = []
     for step in range(updates):  # the same rows each time, so that the loss falls
-        loss_sum, targets, _, _, _ = trainer.train_step(step + 1, [{"input_ids": ids, "labels": ids}])
+        loss_sum, targets, _, _, _ = trainer.train_step([{"input_ids": ids, "labels": ids}])
         losses.append(loss_sum.item() / targets)
     return losses
 
@@ -81,10 +80,10 @@ def one_update_with_gradient_sized_steps(micro, info, compiled):
     config, _ = parse_args(["--optimizer", "adamw", "--weight_decay", "0.1", "--lr", "1e-2", "--adam_eps", "1",
                             "--model_config", TINY_CONFIG])
     raw = build_model(load_model_config(TINY_CONFIG), seed=0).double()
-    optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, info.device)
+    optimizer = build_optimizer(module_param_groups(raw, 0.1), config, info.device)
     trainer = Trainer.for_updates(config, info, wrap_model(raw, config, info, compile=compiled), optimizer,
-                                  Uniform(), raw_model=raw)
-    loss_sum, targets, _, _, _ = trainer.train_step(1, micro)
+                                  raw_model=raw)
+    loss_sum, targets, _, _, _ = trainer.train_step(micro)
     loss = dist.all_reduce_sum(loss_sum.double().clone()).item() / targets
     return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}
 

@@ -14,8 +14,8 @@ from alphadecay import esd
 from alphadecay.config import parse_args
 from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
-from alphadecay.wd.methods.modulewise import ModulewiseDecay
-from alphadecay.wd.groups import build_param_groups
+from alphadecay.wd.groups import module_param_groups
+from alphadecay.wd.scheduler import from_flags
 from tests.conftest import TINY_CONFIG, free_port, train_args
 from tests.test_esd import exact_eigs, gen, with_spectrum
 
@@ -178,8 +178,8 @@ def test_the_config_flags_reach_the_module_wise_pass(tmp_path):
     config, _ = parse_args(train_args(tmp_path, wd_scheduler="alphadecay", esd_estimator="farms", farms_window=32,
                                       farms_windows_per_dim=3))
     model = build_model(load_model_config(TINY_CONFIG), seed=0)
-    groups = build_param_groups(model, weight_decay=config.weight_decay)
-    decay = ModulewiseDecay.from_config(config, model, groups)
+    groups = module_param_groups(model, config.weight_decay)
+    decay = from_flags(config, model, torch.optim.AdamW(groups, lr=1e-3)).rule
     update = decay.step(0, model)
     modules = dict(model.named_modules())
     expected = esd.module_metrics([(n, modules[n].weight) for n in decay.modules], estimator="farms",

@@ -11,10 +11,9 @@ from alphadecay.data import IGNORE_INDEX
 from alphadecay.loss import CausalLMLoss, chunked_cross_entropy_sum
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.wd.groups import build_param_groups
+from alphadecay.wd.groups import module_param_groups
 from alphadecay.run import wrap_model
 from alphadecay.trainer import Trainer
-from alphadecay.wd.methods.uniform import Uniform
 from tests.conftest import TINY_CONFIG, by_step, read_metrics, run_main, train_args
 
 pytestmark = pytest.mark.gpu
@@ -66,14 +65,14 @@ def test_compiled_updates_match_eager_on_cuda():
     def losses(compiled: bool) -> list[float]:
         config, _ = parse_args(["--model_config", TINY_CONFIG, "--optimizer", "adamw", "--lr", "3e-3"])
         raw = build_model(load_model_config(TINY_CONFIG), seed=0).to(CUDA, torch.bfloat16)
-        optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, CUDA)
+        optimizer = build_optimizer(module_param_groups(raw, 0.1), config, CUDA)
         info = dist.DistInfo(0, 0, 1, CUDA)
         trainer = Trainer.for_updates(config, info, wrap_model(raw, config, info, compile=compiled), optimizer,
-                                      Uniform(), raw_model=raw)
+                                      raw_model=raw)
         ids = torch.randint(3, 8000, (4, 64), generator=torch.Generator().manual_seed(0)).to(CUDA)
         out = []
         for step in range(5):
-            loss_sum, targets, _, _, _ = trainer.train_step(step + 1, [{"input_ids": ids, "labels": ids}])
+            loss_sum, targets, _, _, _ = trainer.train_step([{"input_ids": ids, "labels": ids}])
             out.append(loss_sum.item() / targets)
         return out
 

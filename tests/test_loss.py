@@ -11,9 +11,8 @@ from alphadecay.data import IGNORE_INDEX
 from alphadecay.loss import CausalLMLoss, chunked_cross_entropy_sum, full_token_loss_sum, row_loss_sums
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.wd.groups import build_param_groups
+from alphadecay.wd.groups import module_param_groups
 from alphadecay.trainer import Trainer
-from alphadecay.wd.methods.uniform import Uniform
 from tests.conftest import TINY_CONFIG
 
 CPU1 = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -151,11 +150,11 @@ def one_update(chunk: int):
     config, _ = parse_args(["--optimizer", "adamw", "--weight_decay", "0.1", "--lr", "1e-2", "--model_config",
                             TINY_CONFIG, "--loss_chunk_tokens", str(chunk)])
     raw = tiny_model()
-    optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, CPU1.device)
-    trainer = Trainer.for_updates(config, CPU1, raw, optimizer, Uniform())
+    optimizer = build_optimizer(module_param_groups(raw, 0.1), config, CPU1.device)
+    trainer = Trainer.for_updates(config, CPU1, raw, optimizer)
     input_ids, labels = padded_rows(rows=4)
     micro = [{"input_ids": input_ids[:2], "labels": labels[:2]}, {"input_ids": input_ids[2:], "labels": labels[2:]}]
-    loss_sum, targets, _, _, _ = trainer.train_step(1, micro)
+    loss_sum, targets, _, _, _ = trainer.train_step(micro)
     return loss_sum.item() / targets, raw.state_dict()
 
 

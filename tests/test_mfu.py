@@ -9,9 +9,8 @@ from alphadecay.config import parse_args
 from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.wd.groups import build_param_groups
+from alphadecay.wd.groups import module_param_groups
 from alphadecay.trainer import Trainer
-from alphadecay.wd.methods.uniform import Uniform
 from tests.conftest import REPO, TINY_CONFIG
 
 
@@ -94,8 +93,8 @@ class ListLogger:
 def logged_metrics(device: torch.device, argv=()) -> dict:
     config, _ = parse_args(["--model_config", TINY_CONFIG, "--max_length", "64", *argv])
     raw = build_model(load_model_config(TINY_CONFIG), seed=0)
-    optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.0), config, torch.device("cpu"))
-    trainer = Trainer.for_updates(config, dist.DistInfo(0, 0, 2, device), raw, optimizer, Uniform())
+    optimizer = build_optimizer(module_param_groups(raw, 0.0), config, torch.device("cpu"))
+    trainer = Trainer.for_updates(config, dist.DistInfo(0, 0, 2, device), raw, optimizer)
     trainer.logger = ListLogger()
     window = {"loss": torch.tensor(40.0, dtype=torch.float64), "targets": 10, "tokens": 3000, "positions": 2048,
               "time": 0.5}

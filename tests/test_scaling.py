@@ -11,7 +11,8 @@ from alphadecay.diagnostics import sublayer_gains, top_singular_values
 from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.wd.groups import apply_multipliers, build_param_groups
+from alphadecay.wd.groups import module_param_groups
+from alphadecay.wd.scheduler import Scheduler, WDUpdate
 from alphadecay.scaling import apply_scaling_rule, parameter_class
 from tests.conftest import TINY_CONFIG, read_metrics, run_main, train_args
 
@@ -25,7 +26,7 @@ def model():
 
 
 def groups_of(model, **rule):
-    groups = build_param_groups(model, weight_decay=WD)
+    groups = module_param_groups(model, WD)
     return apply_scaling_rule(groups, **rule) if rule else groups
 
 
@@ -66,12 +67,24 @@ def test_none_changes_nothing(model):
 def test_a_module_wise_multiplier_composes_with_the_rule(model):
     groups = groups_of(model, rule="fan2025", width=256, base_width=BASE)
     optimizer = build_optimizer(groups, parse_args(train_args(None))[0], torch.device("cpu"))
-    apply_multipliers(optimizer, {"model.layers.1.mlp.up_proj": 3.0, "lm_head": 0.5, "norms": 2.0})
+
+    class Fixed:  # a module-wise pass, then one multiplier for every group (as AWD)
+        modules = ["model.layers.1.mlp.up_proj", "lm_head"]
+
+        def step(self, update, model):
+            return WDUpdate({"model.layers.1.mlp.up_proj": 3.0, "lm_head": 0.5}) if update == 0 else \
+                WDUpdate(every_group=1.5)
+
+    scheduler = Scheduler("fixed", Fixed(), model, optimizer)
+    scheduler.step()
     decay = {g["name"]: g["weight_decay"] for g in optimizer.param_groups}
     assert decay["model.layers.1.mlp.up_proj"] == pytest.approx(3.0 * WD * 2.0)
     assert decay["lm_head"] == pytest.approx(0.5 * WD * 2.0)
     assert decay["model.layers.0.self_attn.q_proj"] == pytest.approx(WD * 2.0)
     assert decay["norms"] == 0.0  # vector-like groups stay undecayed whatever the scheduler says
+    scheduler.step()
+    decay = {g["name"]: g["weight_decay"] for g in optimizer.param_groups}
+    assert decay["model.layers.1.mlp.up_proj"] == pytest.approx(1.5 * WD * 2.0) and decay["norms"] == 0.0
 
 
 def test_top_singular_value_is_exact():

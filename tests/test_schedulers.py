@@ -1,23 +1,21 @@
 """The weight-decay schedulers: AWD's moving average, the module-wise passes, rank agreement, resume, the CLI."""
 
 import math
-import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 
 from alphadecay.config import parse_args
 from alphadecay.errors import UserError
 from alphadecay.model import build_model, load_model_config
-from alphadecay.wd.methods.modulewise import ModulewiseDecay, tuned_modules
-from alphadecay.wd.groups import apply_multipliers, build_param_groups
-from alphadecay.wd.registry import build_wd_scheduler
+from alphadecay import wd
+from alphadecay.wd.groups import module_param_groups
 from alphadecay.wd.methods.awd import AWD
-from tests.conftest import TINY_CONFIG, by_step, free_port, read_metrics, run_main, train_args
+from alphadecay.wd.methods.modulewise import ModulewiseDecay, tuned_modules
+from alphadecay.wd.scheduler import from_flags
+from tests.conftest import TINY_CONFIG, by_step, read_metrics, run_main, train_args
 
 ATTENTION = ("q", "k", "v", "o")
 MLP = ("gate", "up", "down")
@@ -25,13 +23,14 @@ MLP = ("gate", "up", "down")
 
 def tiny():
     model = build_model(load_model_config(TINY_CONFIG), seed=0)
-    return model, build_param_groups(model, weight_decay=0.1)
+    return model, module_param_groups(model, 0.1)
 
 
-def modulewise(model, groups, **overrides):
-    kwargs = dict(metric="alpha", assign_func="tb_linear_map", every=5, min_ratio=0.6666, max_ratio=5.0)
+def modulewise(model, **overrides):
+    """The module-wise rule alone (no optimizer): its passes, scores and multipliers."""
+    kwargs = dict(metric="alpha", assign="tb_linear_map", every=5, min_ratio=0.6666, max_ratio=5.0)
     kwargs.update(overrides)
-    return ModulewiseDecay(model, groups, **kwargs)
+    return ModulewiseDecay(model, **kwargs)
 
 
 # -- AWD -----------------------------------------------------------------------------------------------------------
@@ -39,7 +38,7 @@ def test_awd_moving_average_known_answer():
     model = torch.nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))  # ||w|| = 5
-    awd = AWD(["g"], weight_decay=1e-3, multiplier=100.0)  # lambda_awd = 0.1
+    awd = AWD(weight_decay=1e-3, multiplier=100.0)  # lambda_awd = 0.1
     expected_bar = 0.0
     for grad_norm in (1.0, 2.0, 0.5):
         model.weight.grad = torch.tensor([[grad_norm, 0.0], [0.0, 0.0]])
@@ -48,8 +47,8 @@ def test_awd_moving_average_known_answer():
         expected_bar = 0.1 * expected_bar + 0.9 * lambda_t
         assert update.metrics["awd/lambda_t"] == pytest.approx(lambda_t)
         assert update.metrics["awd/lambda_bar"] == pytest.approx(expected_bar)
-        assert update.multipliers == {"g": pytest.approx(expected_bar / 1e-3)}
-    restored = AWD(["g"], weight_decay=1e-3)
+        assert update.every_group == pytest.approx(expected_bar / 1e-3) and update.modules == {}
+    restored = AWD(weight_decay=1e-3)
     restored.load_state_dict(awd.state_dict())
     assert restored.lambda_bar == awd.lambda_bar
 
@@ -67,50 +66,54 @@ def test_tuned_modules_follow_the_official_exclusions():
 
 def test_passes_run_at_update_zero_and_every_k():
     model, groups = tiny()
-    scheduler = modulewise(model, groups, every=5)
-    assert [s for s in range(16) if scheduler.step(s, model) is not None] == [0, 4, 9, 14]
+    scheduler = wd.create("alphadecay", model, torch.optim.AdamW(groups, lr=1e-3), every=5)
+    assert [s for s in range(16) if scheduler.step() is not None] == [0, 4, 9, 14]
+    assert scheduler.update == 16
 
 
 # -- AlphaDecay --------------------------------------------------------------------------------------------------
 def test_alphadecay_at_init_gives_attention_less_decay_than_mlp():
     """At random init square matrices have alpha ~2.1 and 0.36-aspect MLP matrices ~3.0 (official-code.md §3.6)."""
     model, groups = tiny()
-    scheduler = modulewise(model, groups)
-    update = scheduler.step(0, model)
-    alpha = {n: update.metrics[f"alpha/{n}"] for n in scheduler.modules}
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    scheduler = wd.create("alphadecay", model, optimizer, every=5, max_ratio=5.0)
+    metrics = scheduler.step()
+    scheduler = scheduler.rule
+    alpha = {n: metrics[f"alpha/{n}"] for n in scheduler.modules}
     kinds = dict(zip(scheduler.modules, scheduler.kinds))
     attn = [alpha[n] for n in alpha if kinds[n] in ATTENTION]
     mlp = [alpha[n] for n in alpha if kinds[n] in MLP]
     assert max(attn) < min(mlp)
     assert 1.8 < np.mean(attn) < 2.5 and 2.6 < np.mean(mlp) < 3.4
-    multipliers = update.multipliers
+    multipliers = scheduler.last_multipliers
     assert min(multipliers.values()) == pytest.approx(0.6666) and max(multipliers.values()) == pytest.approx(5.0)
     assert max(multipliers[n] for n in alpha if kinds[n] in ATTENTION) < min(multipliers[n] for n in alpha if kinds[n] in MLP)
     # logged decays and summaries
-    assert update.metrics[f"wd/{scheduler.modules[0]}"] == pytest.approx(0.1 * multipliers[scheduler.modules[0]])
-    assert {"alpha_Q", "alpha_MLPdown", "wd_Q", "wd_multiplier_mean"} <= set(update.metrics)
-    assert update.metrics["alpha_K"] == pytest.approx(np.mean([alpha[n] for n in alpha if kinds[n] == "k"]))
+    assert metrics[f"wd/{scheduler.modules[0]}"] == pytest.approx(0.1 * multipliers[scheduler.modules[0]])
+    assert {"alpha_Q", "alpha_MLPdown", "wd_Q", "wd_multiplier_mean"} <= set(metrics)
+    assert metrics["alpha_K"] == pytest.approx(np.mean([alpha[n] for n in alpha if kinds[n] == "k"]))
+    assert metrics["wd_K"] == pytest.approx(np.mean([0.1 * multipliers[n] for n in alpha if kinds[n] == "k"]))
 
 
 def test_unit_ratios_reduce_alphadecay_to_uniform():
     model, groups = tiny()
-    update = modulewise(model, groups, min_ratio=1.0, max_ratio=1.0).step(0, model)
-    assert set(update.multipliers.values()) == {1.0}
+    update = modulewise(model, min_ratio=1.0, max_ratio=1.0).step(0, model)
+    assert set(update.modules.values()) == {1.0}
 
 
 def test_without_alpha_positively_the_pass_only_measures():
     model, groups = tiny()
-    update = modulewise(model, groups, apply_mapping=False).step(0, model)
-    assert set(update.multipliers.values()) == {1.0}
-    assert all(math.isfinite(update.metrics[f"alpha/{n}"]) for n in update.multipliers)
+    update = modulewise(model, apply_mapping=False).step(0, model)
+    assert set(update.modules.values()) == {1.0}
+    assert all(math.isfinite(update.metrics[f"alpha/{n}"]) for n in update.modules)
 
 
 # -- AdaDecay ----------------------------------------------------------------------------------------------------
 def test_adadecay_starts_uniform_then_zscores_gradient_norms_per_block():
     model, groups = tiny()
-    scheduler = modulewise(model, groups, metric="gradnorm", assign_func="layerwise_sigmoid")
+    scheduler = modulewise(model, metric="gradnorm", assign="layerwise_sigmoid")
     assert not scheduler.needs_eigs
-    assert set(scheduler.step(0, model).multipliers.values()) == {1.0}  # the official placeholder norms
+    assert set(scheduler.step(0, model).modules.values()) == {1.0}  # the official placeholder norms
     ids = torch.randint(3, 8000, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     update = scheduler.step(4, model)
@@ -119,7 +122,7 @@ def test_adadecay_starts_uniform_then_zscores_gradient_norms_per_block():
         names = [n for n, b in zip(scheduler.modules, scheduler.blocks) if b == block]
         norms = np.array([modules[n].weight.grad.norm().item() for n in names])
         z = (norms - norms.mean()) / (norms.std() + 1e-8)
-        np.testing.assert_allclose([update.multipliers[n] for n in names], 2 / (1 + np.exp(-4 * z)), rtol=1e-6)
+        np.testing.assert_allclose([update.modules[n] for n in names], 2 / (1 + np.exp(-4 * z)), rtol=1e-6)
         assert update.metrics[f"gradnorm/{names[0]}"] == pytest.approx(norms[0], rel=1e-6)
     assert len([b for b in scheduler.blocks if b == 0]) == 6  # layer-0 q_proj is not tuned
 
@@ -127,18 +130,21 @@ def test_adadecay_starts_uniform_then_zscores_gradient_norms_per_block():
 def test_official_adadecay_init_trains_tuned_modules_without_decay_until_the_first_pass():
     """The official integer placeholder 10 makes layerwise_sigmoid's decays int64 zeros at initialisation."""
     model, groups = tiny()
-    scheduler = modulewise(model, groups, metric="gradnorm", assign_func="layerwise_sigmoid",
-                           official_adadecay_init=True)
-    update = scheduler.step(0, model)
-    assert set(update.multipliers.values()) == {0.0} and len(update.multipliers) == len(scheduler.modules)
-    assert update.metrics[f"wd/{scheduler.modules[0]}"] == 0.0
-    assert scheduler.step(1, model) is None  # the zero decays stay until the first in-loop pass
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    scheduler = wd.create("adadecay", model, optimizer, every=5, official_adadecay_init=True)
+    metrics = scheduler.step()
+    tuned = scheduler.rule.modules
+    assert set(scheduler.rule.last_multipliers.values()) == {0.0} and len(tuned) == 13
+    assert metrics[f"wd/{tuned[0]}"] == 0.0 and scheduler.last_weight_decays()[tuned[0]] == 0.0
+    for _ in range(3):
+        assert scheduler.step() is None  # the zero decays stay until the first in-loop pass
     ids = torch.randint(3, 8000, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
-    later = scheduler.step(4, model).multipliers
+    scheduler.step()
+    later = scheduler.rule.last_multipliers
     assert all(0 < m < 2 for m in later.values()) and len(set(later.values())) > 2  # the z-scored map from then on
     config, _ = parse_args(["--wd_scheduler", "adadecay", "--official_adadecay_init", "--model_config", TINY_CONFIG])
-    assert build_wd_scheduler(config, model, groups).zero_at_init
+    assert from_flags(config, model, torch.optim.AdamW(module_param_groups(model, 0.1), lr=1e-3)).rule.zero_at_init
 
 
 def test_official_adadecay_init_is_refused_for_other_methods():
@@ -148,49 +154,27 @@ def test_official_adadecay_init_is_refused_for_other_methods():
 
 def test_multipliers_compose_with_group_base_decays():
     model, groups = tiny()
+    assert groups[5]["name"] == "model.layers.0.mlp.up_proj"
+    groups[5]["base_weight_decay"] = groups[5]["weight_decay"] = 0.3  # as a scaling rule sets it
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
-    update = modulewise(model, optimizer.param_groups).step(0, model)
-    apply_multipliers(optimizer, update.multipliers)
+    scheduler = wd.create("alphadecay", model, optimizer, max_ratio=5.0)
+    scheduler.step()
     decay = {g["name"]: g["weight_decay"] for g in optimizer.param_groups}
-    for name, multiplier in update.multipliers.items():
-        assert decay[name] == pytest.approx(0.1 * multiplier)
-    assert decay["lm_head"] == decay["embeddings"] == decay["model.layers.0.self_attn.q_proj"] == 0.1
+    for name, multiplier in scheduler.rule.last_multipliers.items():
+        base = 0.3 if name == "model.layers.0.mlp.up_proj" else 0.1
+        assert decay[name] == pytest.approx(base * multiplier)
+    assert scheduler.last_weight_decays() == {n: d for n, d in decay.items() if n not in ("embeddings", "norms")}
+    assert decay["lm_head"] == decay["embeddings"] == 0.1 and decay["model.layers.0.self_attn.q_proj"] == 0.1
 
 
 @pytest.mark.parametrize("method", ["uniform", "awd", "adadecay", "alphadecay"])
 def test_factory_builds_each_method(method):
     model, groups = tiny()
     config, _ = parse_args(["--wd_scheduler", method, "--weight_decay", "0.1", "--model_config", TINY_CONFIG])
-    scheduler = build_wd_scheduler(config, model, groups)
+    scheduler = from_flags(config, model, torch.optim.AdamW(groups, lr=1e-3)).rule
     assert type(scheduler).__name__ == {"uniform": "Uniform", "awd": "AWD"}.get(method, "ModulewiseDecay")
     if method == "adadecay":
         assert scheduler.metric == "gradnorm" and scheduler.assign_func == "layerwise_sigmoid"
-
-
-# -- every rank applies the same decays ------------------------------------------------------------------------------
-def _rank_worker(rank, port, out, metric):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
-    model, groups = tiny()
-    ids = torch.randint(3, 8000, (2, 16), generator=torch.Generator().manual_seed(rank))  # different grads per rank
-    model(input_ids=ids, labels=ids).loss.backward()
-    if rank == 1:  # a replica that drifted: the decays must still agree
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 1e-3)
-    update = modulewise(model, groups, metric=metric,
-                        assign_func="layerwise_sigmoid" if metric == "gradnorm" else "tb_linear_map").step(4, model)
-    torch.save(update.multipliers, os.path.join(out, f"{metric}-{rank}.pt"))
-    torch_dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("metric", ["alpha", "gradnorm"])
-def test_two_ranks_get_identical_decays(tmp_path, metric):
-    mp.spawn(_rank_worker, args=(free_port(), str(tmp_path), metric), nprocs=2, join=True)
-    first, second = (torch.load(tmp_path / f"{metric}-{r}.pt") for r in (0, 1))
-    assert first == second and len(first) == 13
-    assert len(set(first.values())) > 1  # not trivially uniform
 
 
 # -- through the command line ----------------------------------------------------------------------------------------
@@ -222,7 +206,7 @@ def test_each_method_trains_from_its_script_flags_and_logs_its_decays(tmp_path, 
     key = "alpha" if method == "alphadecay" else "gradnorm"
     passes = sorted(by_step(metrics, f"{key}/model.layers.1.mlp.up_proj"))
     assert passes == [1, 3, 6]  # update 0, then (update + 1) % 3 == 0 -> updates 2 and 5 (logged as steps 3, 6)
-    record = next(m for m in metrics if m["step"] == 6 and f"wd/model.layers.1.mlp.up_proj" in m)
+    record = next(m for m in metrics if m["step"] == 6 and "wd/model.layers.1.mlp.up_proj" in m)
     assert len([k for k in record if k.startswith("wd/")]) == 13
     assert "wd_multiplier_mean" in record
 

@@ -19,9 +19,8 @@ from alphadecay.data import IGNORE_INDEX
 from alphadecay.loss import CausalLMLoss
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.wd.groups import build_param_groups
+from alphadecay.wd.groups import module_param_groups
 from alphadecay.trainer import StopFlag, Trainer
-from alphadecay.wd.methods.uniform import Uniform
 from tests.conftest import (REPO, TINY_CONFIG, by_step, free_port, read_metrics, run_main, run_subprocess,
                             train_args)
 
@@ -128,10 +127,10 @@ def one_update(micro_batches, info, ddp=False, optimizer_name="adamw"):
     config, _ = parse_args(["--optimizer", optimizer_name, "--weight_decay", "0.1", "--lr", "1e-2",
                             "--model_config", TINY_CONFIG])
     raw = build_model(load_model_config(TINY_CONFIG), seed=0).double()
-    optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, info.device)
+    optimizer = build_optimizer(module_param_groups(raw, 0.1), config, info.device)
     model = torch.nn.parallel.DistributedDataParallel(CausalLMLoss(raw)) if ddp else raw
-    trainer = Trainer.for_updates(config, info, model, optimizer, Uniform(), raw_model=raw)
-    loss_sum, targets, _, _, _ = trainer.train_step(1, micro_batches)
+    trainer = Trainer.for_updates(config, info, model, optimizer, raw_model=raw)
+    loss_sum, targets, _, _, _ = trainer.train_step(micro_batches)
     loss = dist.all_reduce_sum(loss_sum.double().clone()).item() / targets
     return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from alphadecay import dist
 from alphadecay.optim import make_optimizer
-from alphadecay.wd.groups import build_param_groups
-from alphadecay.wd.registry import build_wd_scheduler, vit_family
+from alphadecay.wd.groups import module_param_groups
+from alphadecay.wd.scheduler import from_flags
 from alphadecay.vit.config import parse_vit_args
 from alphadecay.vit.data import TrainOrder, TrainSamples, load_batches, load_image_folders
 from alphadecay.vit.mixup import build_criterion
@@ -82,13 +82,13 @@ def one_update(data_path, info, *, update_freq):
     torch.manual_seed(0)
     raw = build_vit("vit_tiny_patch4_32", num_classes=10, img_size=32).double()
     model = torch.nn.parallel.DistributedDataParallel(raw) if info.distributed else raw
-    groups = build_param_groups(raw, weight_decay=config.weight_decay)
+    groups = module_param_groups(raw, config.weight_decay)
     optimizer = make_optimizer(groups, name="adam", lr=config.lr, betas=(0.9, 0.999), eps=1e-8, impl="official",
                                device=info.device)
-    scheduler = build_wd_scheduler(config, raw, optimizer.param_groups, vit_family(10))
+    scheduler = from_flags(config, raw, optimizer, timing="vit", updates_per_epoch=10)
     trainer = ViTTrainer.for_updates(config, info, model, raw, optimizer, scheduler,
                                      build_criterion(mixup_active=False, smoothing=config.smoothing))
-    loss_sum, wd_metrics = trainer.update(0, micro)
+    loss_sum, wd_metrics = trainer.update(micro)
     assert wd_metrics["wd_tuned_modules"] == 16
     loss = dist.all_reduce_sum(loss_sum.clone()).item() / (update_freq * info.world_size)
     return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}

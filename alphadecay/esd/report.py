@@ -30,7 +30,7 @@ from alphadecay.wd.assign import assign
 from alphadecay.config import add_config_flags, check_farms
 from alphadecay.errors import UserError
 from alphadecay.wd.methods.modulewise import SPECTRAL_METRICS, tuned_modules
-from alphadecay.wd.groups import LINEAR_KINDS, layer_index, linear_modules
+from alphadecay.wd.groups import layer_index, linear_modules, module_kind
 
 
 # The training flags this report takes too: how alpha is estimated and which modules AlphaDecay tunes.
@@ -88,7 +88,7 @@ def shape_summary(rows: list[dict], base_decay: float) -> str:
         return sum(finite) / len(finite) if finite else math.nan
 
     def kind(r: dict) -> str:
-        return LINEAR_KINDS.get(r["name"].rsplit(".", 1)[-1], "linear")
+        return module_kind(r["name"])
 
     attn = mean([r["alpha"] for r in rows if kind(r) in ("q", "k", "v", "o")])
     mlp = mean([r["alpha"] for r in rows if kind(r) in ("gate", "up", "down")])
@@ -142,7 +142,7 @@ def format_table(rows: list[dict]) -> str:
 def type_means(rows: list[dict]) -> str:
     by_kind: dict[str, list[float]] = {}
     for r in rows:
-        by_kind.setdefault(LINEAR_KINDS.get(r["name"].rsplit(".", 1)[-1], "linear"), []).append(r["alpha"])
+        by_kind.setdefault(module_kind(r["name"]), []).append(r["alpha"])
     return "mean alpha by type: " + ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in by_kind.items())
 
 

@@ -19,10 +19,8 @@ from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_stat
 from alphadecay.errors import UserError
 from alphadecay.metrics import MetricsLogger
 from alphadecay.optim import make_optimizer, resolve_optimizer_impl
-from alphadecay.wd.groups import build_param_groups
 from alphadecay.model import count_parameters
 from alphadecay.run import log0, start_logging, where_it_ran
-from alphadecay.wd.registry import build_wd_scheduler, vit_family
 from alphadecay.vit.config import ViTConfig
 from alphadecay.vit.data import (EvalSamples, ImageFolder, TrainOrder, TrainSamples, find_unreadable,
                                  load_image_folders, unreadable_error)
@@ -32,6 +30,8 @@ from alphadecay.vit.model import build_vit, resolve_model_name
 from alphadecay.vit.train import ViTState, ViTTrainer, run_layout
 from alphadecay.vit.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_eval_transform,
                                        build_train_transform)
+from alphadecay.wd.groups import module_param_groups
+from alphadecay.wd.scheduler import from_flags, legacy_state
 
 IMAGENET_INCEPTION_MEAN = IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)  # timm's, for --imagenet_default_mean_and_std false
 
@@ -96,7 +96,7 @@ def restore(checkpoint: str, saved: dict, layout: dict, *, optimizer, wd_schedul
                         "data order, augmentation and random streams resume exactly only under the same values, so "
                         "resume with the same number of processes, --batch_size, --update_freq, --seed and data.")
     optimizer.load_state_dict(saved["optimizer"])
-    wd_scheduler.load_state_dict(saved["wd_scheduler"])
+    wd_scheduler.load_state_dict(legacy_state(saved["wd_scheduler"], saved["step"]))
     if ema is not None:
         load_ema(ema, checkpoint)
     set_rng_state(saved["rng"][info.rank])
@@ -151,13 +151,14 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
     if info.distributed:  # broadcasts rank 0's weights before the EMA copies them
         model = dist.ddp(raw_model, info)
     ema = ModelEma(raw_model, decay=config.model_ema_decay) if config.model_ema else None
-    param_groups = build_param_groups(raw_model, weight_decay=config.weight_decay, decay_norms=config.decay_norms,
-                                      decay_embeddings=config.decay_embeddings)
+    param_groups = module_param_groups(raw_model, config.weight_decay, decay_norms=config.decay_norms,
+                                       decay_embeddings=config.decay_embeddings)
     optimizer = make_optimizer(param_groups, name=config.optimizer, lr=config.lr,
                                betas=tuple(config.opt_betas) if config.opt_betas else (0.9, 0.999),
                                eps=config.opt_eps, impl=config.optimizer_impl, device=info.device)
     optimizer_impl = resolve_optimizer_impl(config.optimizer_impl, config.optimizer, info.device)
-    wd_scheduler = build_wd_scheduler(config, raw_model, optimizer.param_groups, vit_family(updates_per_epoch))
+    # the official ViT code's timing: a pass at the first update of every epoch, on that update's gradients
+    wd_scheduler = from_flags(config, raw_model, optimizer, timing="vit", updates_per_epoch=updates_per_epoch)
 
     trainer_layout = run_layout(config, info.world_size, len(train))
     if saved and config.eval:

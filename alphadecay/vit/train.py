@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from alphadecay import dist
 from alphadecay.checkpoint import rng_state, save_checkpoint
 from alphadecay.optim import lr_factor, set_learning_rate
-from alphadecay.wd.groups import apply_multipliers, mean_weight_decay
+from alphadecay.wd.groups import mean_weight_decay
 from alphadecay.trainer import StopFlag
 from alphadecay.vit.config import ViTConfig
 from alphadecay.vit.data import EvalSamples, TrainOrder, TrainSamples, eval_indices, load_batches, topk_correct
@@ -96,7 +96,7 @@ class ViTTrainer:
                 images, targets = self.mixup(images, targets, batch_rng(config.seed, epoch, micro, rank))
             yield images, targets
 
-    def update(self, step: int, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
+    def update(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
         """One optimizer update; returns (this rank's sum of micro-batch mean losses, weight-decay metrics)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
         self.model.train()
@@ -108,11 +108,7 @@ class ViTTrainer:
             loss_sum += loss.detach().double()
         if self.config.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.clip_grad)
-        wd_metrics: dict = {}
-        update = self.wd_scheduler.step(step, self.raw_model)
-        if update is not None:
-            apply_multipliers(self.optimizer, update.multipliers)
-            wd_metrics = update.metrics
+        wd_metrics = self.wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -135,7 +131,7 @@ class ViTTrainer:
                     lr = self.lr_at(step)
                     set_learning_rate(self.optimizer, lr)
                     start = time.perf_counter()
-                    loss_sum, wd_metrics = self.update(step, [next(batches) for _ in range(config.update_freq)])
+                    loss_sum, wd_metrics = self.update([next(batches) for _ in range(config.update_freq)])
                     stop_flag = torch.tensor(float(self.stop.raised), device=self.info.device)
                     stop = dist.all_reduce_sum(stop_flag).item() > 0  # every rank stops after the same update
                     elapsed = time.perf_counter() - start

@@ -9,7 +9,7 @@ first in-loop pass, which --official_adadecay_init reproduces) and every --unbal
 module-wise machinery of AlphaDecay with another score and map, so it is built from it rather than copied; it
 computes no eigenvalues.
 
-On the ViT (`Family` vit) the blocks are the ViT's `blocks.<i>` (4 modules each: qkv, attn.proj, fc1, fc2), as the
+On the ViT (timing 'vit') the blocks are the ViT's `blocks.<i>` (4 modules each: qkv, attn.proj, fc1, fc2), as the
 official code's `name.split('.')[2]` gives on its DDP-wrapped names, and the pass runs at the first update of every
 epoch on that update's gradient (no placeholder pass: the official ViT init pass is overwritten before any step).
 """
@@ -18,12 +18,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from alphadecay.config import TrainConfig
-from alphadecay.wd.methods.modulewise import ModulewiseDecay
-from alphadecay.wd.registry import LLAMA, Family
+from alphadecay.wd.methods.modulewise import ModulewiseDecay, from_options
 
 
-def build_adadecay(config: TrainConfig, model: nn.Module, param_groups: list[dict],
-                   family: Family = LLAMA) -> ModulewiseDecay:
-    """--wd_scheduler adadecay (or the official --esd_metric_for_tb gradnorm --assign_func layerwise_sigmoid)."""
-    return ModulewiseDecay.from_config(config, model, param_groups, family)
+def build(model: nn.Module, optimizer, options: dict) -> ModulewiseDecay:
+    """adadecay (or the official --use_modulewise_wd --esd_metric_for_tb gradnorm --assign_func layerwise_sigmoid)."""
+    return from_options(model, options)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from alphadecay.wd.registry import Family, WDUpdate
+from alphadecay.wd.scheduler import WDUpdate
 
 
 class Uniform:
     """Does nothing: the groups are built at their base decay, one value for all in the paper's setting."""
+
+    modules: list[str] = []
 
     def step(self, step: int, model: nn.Module) -> WDUpdate | None:
         return None
@@ -20,6 +22,5 @@ class Uniform:
         pass
 
 
-def build(config, model: nn.Module, param_groups: list[dict], family: Family) -> Uniform:
-    """--wd_scheduler uniform (or none of the official method flags); the same for every model family."""
+def build(model: nn.Module, optimizer, options: dict) -> Uniform:
     return Uniform()
