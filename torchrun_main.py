@@ -13,7 +13,7 @@ import sys
 
 from alphadecay import dist
 from alphadecay.config import parse_args
-from alphadecay.errors import UserError
+from alphadecay.errors import RunFailed, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.logger.close()
         finally:
             dist.teardown()
-    except UserError as err:
+    except (UserError, RunFailed) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     return 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from alphadecay import dist
-from alphadecay.errors import UserError
+from alphadecay.errors import RunFailed, UserError
 from alphadecay.vit.config import parse_vit_args
 
 
@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.logger.close()
         finally:
             dist.teardown()
-    except UserError as err:
+    except (UserError, RunFailed) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     return 0
 
 

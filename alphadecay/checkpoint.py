@@ -74,6 +74,14 @@ def find_checkpoint(path: str) -> str:
     return checkpoint_dir(path, max(steps))
 
 
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The run directory's checkpoint with the most updates, or None."""
+    try:
+        return find_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    except UserError:
+        return None
+
+
 def find_model_dir(path: str) -> str:
     """`path` itself when it holds model weights (a save_pretrained directory or a checkpoint), else the latest
     checkpoint of the run directory `path`: what the model-reading command lines (evaluate, esd) accept."""

@@ -33,6 +33,7 @@ ESD_METRICS, PL_FITTINGS, ESD_ESTIMATORS = METRICS, FITS, ESTIMATORS
 SCALING_RULES = ("none", "fan2025", "mup_lr")  # alphadecay/scaling.py
 SCALING_HEADS = ("matrix", "vector")
 OPTIMIZER_IMPLS = ("official", "foreach", "fused", "forloop")  # alphadecay/optim.py
+NONFINITE = ("stop", "skip")  # alphadecay/update.py
 # What a run records besides its flags because it changes the numbers (config.json "provenance", the metrics'
 # provenance events, wandb's config); scripts/make_tables.py refuses to average runs that differ in one of these.
 PROVENANCE_KEYS = ("world_size", "micro_batch", "gradient_accumulation", "dtype_resolved", "optimizer_impl_resolved",
@@ -121,6 +122,8 @@ class TrainConfig(FlagConfig):
     scheduler: str = _f("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr (cosine and linear)")
     grad_clipping: float = _f(0.0, "clip the global gradient norm to this value; 0 disables (the paper never clips)")
+    nonfinite: str = _f("stop", "what a non-finite loss or gradient norm does: stop = end the run at that update, saving nothing from it (exit code 3); skip = drop the update on every rank (no optimizer or weight-decay step) and go on, stopping after --max_skipped_updates in a row", choices=NONFINITE)
+    max_skipped_updates: int = _f(10, "--nonfinite skip: stop after this many dropped updates in a row")
     dtype: str = _f("auto", "bfloat16 = pure bf16 weights and optimizer states (the paper); float32; amp_bf16 = float32 master weights with bf16 autocast; auto = bfloat16 on a GPU of compute capability >= 8.0 (Ampere or newer), else float32", choices=("auto", "bfloat16", "float32", "amp_bf16"))
     activation_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     compile: str = _f("auto", "torch.compile the model with its loss (alphadecay/loss.py): auto = on CUDA, off on CPU; checkpoints, evaluation and the spectral passes use the uncompiled model", choices=("auto", "true", "false"))
@@ -346,6 +349,7 @@ def apply_method_defaults(config: FlagConfig, given: set[str]) -> None:
 def validate(config: TrainConfig) -> None:
     """Checks that need no files, processes or devices (those come later, still before any compute)."""
     positive = ("lr", "batch_size", "total_batch_size", "max_length", "eval_every", "save_every", "log_every",
+                "max_skipped_updates",
                 "unbalancedWD_every", "shuffle_buffer", "target_eval_tokens", "official_eval_rows")
     for name in positive:
         if getattr(config, name) <= 0:

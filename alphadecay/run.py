@@ -268,11 +268,13 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                f"(accumulation {inputs.grad_accum}); evaluation on {len(eval_rows):,} rows "
                f"({run_provenance['eval_tokens']:,} tokens), official estimator over batches of "
                f"{config.official_eval_rows} rows; run directory {run_dir}")
-    return Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
-                   wd_scheduler=wd_scheduler, train_batches=train_batches, eval_rows=eval_rows, row_spec=inputs.spec,
-                   logger=logger,
-                   run_dir=run_dir, total_steps=total_steps, grad_accum=inputs.grad_accum, autocast=autocast,
-                   state=state, probes=probes)
+    trainer = Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
+                      wd_scheduler=wd_scheduler, train_batches=train_batches, eval_rows=eval_rows,
+                      row_spec=inputs.spec, logger=logger, run_dir=run_dir, total_steps=total_steps,
+                      grad_accum=inputs.grad_accum, autocast=autocast, state=state, probes=probes)
+    if saved:
+        trainer.nonfinite.load_state_dict(saved.get("nonfinite", {}))
+    return trainer
 
 
 def start_logging(config: config_lib.FlagConfig, info: dist.DistInfo, run_dir: str, model, optimizer,

@@ -1,19 +1,22 @@
 """The training loop: one update per iteration, evaluation, logging and checkpoints on their cadences.
 
-One update (`train_step`):
-  1. count the target tokens of all micro-batches on all ranks (one all-reduce, which also carries the stop flag
-     that SIGTERM/SIGINT raise on any rank, so every rank stops at the same update);
+One update (`train_step`; alphadecay/update.py has what both model families share):
+  1. count the target tokens of all micro-batches on all ranks (an all-reduce on the device; no host wait);
   2. forward/backward each micro-batch with loss = sum of token losses / global target tokens (times the world
      size, which DDP's gradient averaging divides out), `no_sync` on all but the last micro-batch: the gradient
      is exactly that of the token-mean loss over the global batch, however it is split into ranks and
      micro-batches (the official code averages per-micro-batch means instead; identical when GA=1 on one GPU);
-  3. optional gradient clipping;
-  4. the weight-decay scheduler (alphadecay.wd: it sets the groups' decays by name), then `optimizer.step()`.
+  3. the gradient norm (clipped with --grad_clipping), then one all-reduce of the loss sum, the stop flag that
+     SIGTERM/SIGINT raise on any rank and each rank's non-finite flag, so every rank takes the same decisions;
+  4. the weight-decay scheduler (alphadecay.wd: it sets the groups' decays by name), then `optimizer.step()`;
+  5. the one host read of the update (counts, loss, gradient norm, flags). A non-finite loss or gradient norm
+     ends the run (--nonfinite stop) or drops the update (--nonfinite skip, read before step 4).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -24,13 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from alphadecay import dist
-from alphadecay.checkpoint import rng_state, save_checkpoint
+from alphadecay.checkpoint import latest_checkpoint, rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
 from alphadecay.data import IGNORE_INDEX, Prefetcher, RowSpec
 from alphadecay.evaluate import evaluate_rows
-from alphadecay.loss import CausalLMLoss, target_count
+from alphadecay.loss import CausalLMLoss
 from alphadecay.mfu import device_peak_flops, llama_flops_per_token, throughput_metrics
 from alphadecay.optim import lr_factor, set_learning_rate
+from alphadecay.update import NonfiniteGuard, Outcome, gradient_norm, to_device
 from alphadecay import wd
 from alphadecay.wd.groups import mean_weight_decay
 
@@ -89,7 +93,7 @@ class Trainer:
         self.probes = list(probes or [])
         self.stop = StopFlag()
         self.data_state: dict | None = None
-        self.grad_norm: torch.Tensor | None = None  # before clipping, when --grad_clipping > 0
+        self.nonfinite = NonfiniteGuard(config.nonfinite, config.max_skipped_updates)
         self.last_loss: float | None = None  # the last logged training loss, for the console
         # For tokens_per_s_per_device and mfu (CUDA only; alphadecay/mfu.py).
         llama = getattr(getattr(raw_model, "config", None), "model_type", None) == "llama"
@@ -111,28 +115,33 @@ class Trainer:
                    run_dir="", total_steps=0, grad_accum=1, autocast=contextlib.nullcontext(), state=TrainState())
 
     # -- one update ------------------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int, bool, dict]:
-        """One optimizer update; returns (local loss sum, global targets, global input tokens, stop, wd metrics)."""
-        device = self.info.device
-        inputs = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)  # non-pad input tokens
-        counts = torch.tensor([sum(target_count(b["labels"]) for b in micro_batches), inputs,
-                               float(self.stop.raised)], dtype=torch.float64, device=device)
-        targets, inputs, stop = dist.all_reduce_sum(counts).tolist()
-        scale = self.info.world_size / max(targets, 1.0)
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> Outcome:
+        """One optimizer update (module docstring; alphadecay/update.py): the host reads the device once, after the
+        optimizer step is queued (before it with --nonfinite skip). Returns the Outcome: loss sum over all ranks,
+        counts [targets, input tokens] over all ranks, gradient norm, stop flag, non-finite ranks, decay metrics."""
+        device, info = self.info.device, self.info
+        host = torch.stack([torch.stack([(b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches]).sum(),
+                            torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro_batches]).sum()])
+        counts = dist.all_reduce_sum(to_device(host.double(), device))  # [targets, non-pad input tokens]
+        scale = info.world_size / counts[0].clamp(min=1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i, batch in enumerate(micro_batches):
-            sync = i == len(micro_batches) - 1 or not self.info.distributed
+            sync = i == len(micro_batches) - 1 or not info.distributed
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
                 micro_loss = self.model(batch["input_ids"].to(device, non_blocking=True),
                                         batch["labels"].to(device, non_blocking=True))
             (micro_loss * scale).backward()
             loss_sum += micro_loss.detach().double()
-        if self.config.grad_clipping > 0:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clipping)
-        wd_metrics = self.wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
-        self.optimizer.step()
+        grad_norm = gradient_norm(self.raw_model.parameters(), self.config.grad_clipping)
+        outcome = Outcome.start(counts, loss_sum, grad_norm, self.stop.raised, info)
+        if self.config.nonfinite == "skip" and not outcome.read().finite:  # dropped on every rank alike
+            self.wd_scheduler.skip()
+            outcome.applied = False
+        else:
+            outcome.wd_metrics = self.wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, int(targets), int(inputs), stop > 0, wd_metrics
+        return outcome.read()
 
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -150,22 +159,28 @@ class Trainer:
                 set_learning_rate(self.optimizer, lr)
                 micro = [next(batches) for _ in range(self.grad_accum)]
                 self.data_state = micro[-1][1]
-                start = time.perf_counter()
-                loss_sum, targets, tokens, stop, wd_metrics = self.train_step([b for b, _ in micro])
-                elapsed = time.perf_counter() - start
-                self.state.step, self.state.tokens_seen = step + 1, self.state.tokens_seen + tokens
+                start = time.perf_counter()  # the previous update's read (or an evaluation) left the GPU idle
+                outcome = self.train_step([b for b, _ in micro])
+                elapsed = time.perf_counter() - start  # up to the read: the GPU's work is done
+                targets, tokens = outcome.counts
+                self.state.step, self.state.tokens_seen = step + 1, self.state.tokens_seen + int(tokens)
                 self.state.train_time += elapsed
-                window["loss"] += loss_sum
-                window["targets"] += targets
-                window["tokens"] += tokens
+                self.nonfinite.check(outcome, self.state.step, logger=self.logger,
+                                     last_checkpoint=latest_checkpoint(self.run_dir))
+                stop = outcome.stop
+                if outcome.applied:
+                    window["loss"] += outcome.loss_sum
+                    window["targets"] += int(targets)
+                window["tokens"] += int(tokens)
                 window["positions"] += sum(b["input_ids"].numel() for b, _ in micro)  # this rank's, pads included
                 window["time"] += elapsed
+                window["grad_norm"] = outcome.grad_norm
                 done = self.state.step == self.total_steps
                 if self.state.step % config.log_every == 0 or done:
-                    self._log_train(window, lr, bar, wd_metrics)
+                    self._log_train(window, lr, bar, outcome.wd_metrics)
                     window = self._empty_window()
-                elif wd_metrics:  # a module-wise pass is logged at its own update
-                    self.logger.log(wd_metrics, step=self.state.step)
+                elif outcome.wd_metrics:  # a module-wise pass is logged at its own update
+                    self.logger.log(outcome.wd_metrics, step=self.state.step)
                 bar.update(1)
                 for probe in self.probes:
                     if probe.due(self.state.step, done):
@@ -183,19 +198,18 @@ class Trainer:
             self.stop.uninstall()
         return self.state
 
-    def _empty_window(self) -> dict:
-        """Sums over the updates since the last training log line."""
-        return {"loss": torch.zeros((), dtype=torch.float64, device=self.info.device), "targets": 0, "tokens": 0,
-                "positions": 0, "time": 0.0}
+    @staticmethod
+    def _empty_window() -> dict:
+        """Sums over the updates since the last training log line (host values: no synchronisation to log)."""
+        return {"loss": 0.0, "targets": 0, "tokens": 0, "positions": 0, "time": 0.0, "grad_norm": math.nan}
 
     def _log_train(self, window: dict, lr: float, bar, extra: dict) -> None:
-        loss_sum = dist.all_reduce_sum(window["loss"].clone()).item()
-        loss = loss_sum / max(window["targets"], 1)
+        loss = window["loss"] / max(window["targets"], 1) if window["targets"] else math.nan
         metrics = {"loss": loss, "lr": lr, "weight_decay": mean_weight_decay(self.optimizer.param_groups),
-                   "tokens_seen": self.state.tokens_seen,
+                   "tokens_seen": self.state.tokens_seen, "grad_norm": window["grad_norm"],
                    "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
-        if self.grad_norm is not None:
-            metrics["grad_norm"] = self.grad_norm.item()
+        if self.nonfinite.skipped:
+            metrics["skipped_updates"] = self.nonfinite.skipped
         if self.data_state and "epoch" in self.data_state:  # pretokenized data: passes over the train split
             metrics["epoch"] = self.data_state["epoch"]
         if self.info.device.type == "cuda":
@@ -232,6 +246,7 @@ class Trainer:
         rng_states = dist.all_gather_objects(rng_state())
         if self.info.is_main:
             state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "train_time": self.state.train_time,
+                     "nonfinite": self.nonfinite.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "wd_scheduler": self.wd_scheduler.state_dict(),
                      "data": data_states, "rng": rng_states, "world_size": self.info.world_size,
                      "wandb_id": self.logger.wandb_id, "config": self.config.to_dict()}

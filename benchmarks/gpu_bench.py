@@ -18,7 +18,9 @@ Parts, in order (`--parts` picks some):
   at a time, the official loop fits) on the same GPU and the same bf16 weights; fails if a tuned module's alpha
   differs by more than 1e-4 (relative);
 - run: a 200-update AlphaDecay run of llama_60m in bf16 on the shipped sample through `torchrun_main.py` with
-  its defaults (so --compile auto compiles); fails unless the loss falls by more than 1 nat.
+  its defaults (so --compile auto compiles); fails unless the loss falls by more than 1 nat, or unless its logged
+  MFU (median over log windows) is within 5% of `measure_updates` of the same model and micro-batch (the trainer
+  times each update up to its one host read, so what it logs is the GPU's time, not the host's queueing).
 The report's first line says what ran, on what, how long it took, and whether every check passed. The exit code
 is 1 if a check failed or a part raised, else 0. Out-of-memory in a throughput variant is a result, not a failure.
 
@@ -34,6 +36,7 @@ import dataclasses
 import gc
 import math
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +65,7 @@ from esd_pass import max_rel_alpha_diff  # noqa: E402
 PARTS = ("tests", "throughput", "largest", "esd", "run")
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_gpu_speed.py")
 ALPHA_TOLERANCE = 1e-4
+MFU_TOLERANCE = 0.05  # the run's logged MFU against the synchronised measurement
 
 
 @dataclass
@@ -302,7 +306,7 @@ def part_esd(plan: Plan, report: Report) -> None:
                + "\n".join(rows))
 
 
-def part_run(plan: Plan, report: Report) -> None:
+def part_run(plan: Plan, report: Report, peak_flops: float | None) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu_check_run-") as run_dir:
         flags = {"dataset": "data/c4_sample", "tokenizer": "data/tokenizer", "optimizer": "adamw",
                  "weight_decay": 0.1, "wd_scheduler": "alphadecay", "wd_max_ratio": 5, "save_every": 100_000,
@@ -334,6 +338,30 @@ def part_run(plan: Plan, report: Report) -> None:
         f"Loss fell by more than {plan.min_loss_drop:g}: {'yes' if fell else 'NO'}.")
     if not fell:
         report.fail(f"run: the loss did not fall by more than {plan.min_loss_drop:g} ({first:.3f} -> {last:.3f})")
+    compare_logged_mfu(plan, report, train, peak_flops)
+
+
+def compare_logged_mfu(plan: Plan, report: Report, train: list[dict], peak_flops: float | None) -> None:
+    """The run's logged MFU (the median over its log windows after the first, which holds the compilation) against
+    `measure_updates` of the same model and micro-batch, compiled, between two synchronisations: the trainer times
+    each update up to its one host read, so the two must agree (within MFU_TOLERANCE)."""
+    logged = [m["mfu"] for m in train[1:] if m.get("mfu") is not None]
+    if not logged or not peak_flops:
+        report.add("Logged MFU against the synchronised measurement: not compared (no MFU on this device).")
+        return
+    size = Path(plan.run_args["model_config"]).stem.split("_", 1)[1]
+    reference = measure_updates(size, plan.run_args["batch_size"], compiled=True, chunk=0, timed=plan.timed,
+                                plan=plan, peak_flops=peak_flops)
+    if reference.mfu is None:
+        report.add(f"Logged MFU against the synchronised measurement: no reference ({reference.note}).")
+        return
+    median = statistics.median(logged)
+    ratio = median / reference.mfu
+    report.add(f"Logged MFU (median of {len(logged)} windows) {median:.1%} against {reference.mfu:.1%} measured "
+               f"between synchronisations for the same model and micro-batch: ratio {ratio:.3f}.")
+    if abs(ratio - 1) > MFU_TOLERANCE:
+        report.fail(f"run: the logged MFU {median:.1%} differs from the synchronised {reference.mfu:.1%} by more than "
+                    f"{MFU_TOLERANCE:.0%}")
 
 
 # -- main ------------------------------------------------------------------------------------------------------------
@@ -392,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "esd":
                 part_esd(plan, report)
             elif part == "run":
-                part_run(plan, report)
+                part_run(plan, report, peak_flops)
         except Exception as err:  # noqa: BLE001 - one broken part must not hide the others' results
             report.add(f"## {part}\n\nraised {type(err).__name__}: {err}")
             report.fail(f"{part}: {type(err).__name__}: {err}")

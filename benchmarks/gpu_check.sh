@@ -3,7 +3,8 @@
 #   the GPU-marked tests; tokens/s, MFU and peak memory of llama_60m and llama_130m at the paper's micro-batches
 #   (bf16; eager vs compiled; full vs chunked loss; 30 timed updates after warm-up) and of llama_1b at the largest
 #   micro-batch that fits; one AlphaDecay spectral pass on llama_130m and llama_1b against the official computation;
-#   a 200-update AlphaDecay run of llama_60m in bf16 on the shipped sample, whose loss must fall;
+#   a 200-update AlphaDecay run of llama_60m in bf16 on the shipped sample, whose loss must fall and whose logged MFU
+#   must be within 5% of the synchronised measurement of the same model and micro-batch;
 # writes docs/perf/gpu-<device>.md and prints it (its first line: what ran, how long, whether every check passed).
 #
 #   benchmarks/gpu_check.sh                           # everything (meant for <= 8 min on one H100; untimed)

@@ -36,8 +36,8 @@ def losses_of_updates(compiled: bool, chunk: int, updates: int = 5) -> list[floa
     ids = torch.randint(3, 8000, (4, 64), generator=torch.Generator().manual_seed(0))
     losses = []
     for step in range(updates):  # the same rows each time, so that the loss falls
-        loss_sum, targets, _, _, _ = trainer.train_step([{"input_ids": ids, "labels": ids}])
-        losses.append(loss_sum.item() / targets)
+        outcome = trainer.train_step([{"input_ids": ids, "labels": ids}])
+        losses.append(outcome.loss_sum / outcome.counts[0])
     return losses
 
 
@@ -83,8 +83,8 @@ def one_update_with_gradient_sized_steps(micro, info, compiled):
     optimizer = build_optimizer(module_param_groups(raw, 0.1), config, info.device)
     trainer = Trainer.for_updates(config, info, wrap_model(raw, config, info, compile=compiled), optimizer,
                                   raw_model=raw)
-    loss_sum, targets, _, _, _ = trainer.train_step(micro)
-    loss = dist.all_reduce_sum(loss_sum.double().clone()).item() / targets
+    outcome = trainer.train_step(micro)
+    loss = outcome.loss_sum / outcome.counts[0]  # summed over ranks
     return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}
 
 

@@ -154,8 +154,8 @@ def one_update(chunk: int):
     trainer = Trainer.for_updates(config, CPU1, raw, optimizer)
     input_ids, labels = padded_rows(rows=4)
     micro = [{"input_ids": input_ids[:2], "labels": labels[:2]}, {"input_ids": input_ids[2:], "labels": labels[2:]}]
-    loss_sum, targets, _, _, _ = trainer.train_step(micro)
-    return loss_sum.item() / targets, raw.state_dict()
+    outcome = trainer.train_step(micro)
+    return outcome.loss_sum / outcome.counts[0], raw.state_dict()
 
 
 def test_train_step_with_a_chunked_loss_gives_the_same_update():

@@ -130,8 +130,8 @@ def one_update(micro_batches, info, ddp=False, optimizer_name="adamw"):
     optimizer = build_optimizer(module_param_groups(raw, 0.1), config, info.device)
     model = torch.nn.parallel.DistributedDataParallel(CausalLMLoss(raw)) if ddp else raw
     trainer = Trainer.for_updates(config, info, model, optimizer, raw_model=raw)
-    loss_sum, targets, _, _, _ = trainer.train_step(micro_batches)
-    loss = dist.all_reduce_sum(loss_sum.double().clone()).item() / targets
+    outcome = trainer.train_step(micro_batches)
+    loss = outcome.loss_sum / outcome.counts[0]  # summed over ranks
     return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}
 
 

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from alphadecay.config import (ASSIGN_FUNCS, ESD_ESTIMATORS, ESD_METRICS, OPTIMIZER_IMPLS, PL_FITTINGS,
+from alphadecay.config import (ASSIGN_FUNCS, ESD_ESTIMATORS, ESD_METRICS, NONFINITE, OPTIMIZER_IMPLS, PL_FITTINGS,
                                WD_SCHEDULERS, FlagConfig, _f, apply_method_defaults, parse_flags,
                                validate_weight_decay)
 from alphadecay.errors import UserError
@@ -94,6 +94,8 @@ class ViTConfig(FlagConfig):
     opt_eps: float = _f(1e-8, "Adam epsilon (the official code declares it but never reads it; torch's default is the same)", group=T)
     opt_betas: Optional[list] = _f(None, "Adam betas, two values; default torch's (0.9, 0.999) (the official code declares it but never reads it)", group=T, nargs="+", item_type=float)
     clip_grad: Optional[float] = _f(None, "clip the global gradient norm to this value; default none (the official code declares it but never clips)", group=T)
+    nonfinite: str = _f("stop", "what a non-finite loss or gradient norm does: stop = end the run at that update, saving nothing from it (exit code 3); skip = drop the update on every rank (no optimizer, weight-decay or EMA step) and go on, stopping after --max_skipped_updates in a row", choices=NONFINITE, group=T)
+    max_skipped_updates: int = _f(10, "--nonfinite skip: stop after this many dropped updates in a row", group=T)
     momentum: float = _f(0.9, COMPAT + "SGD momentum; no SGD here", group=T)
     weight_decay_end: Optional[float] = _f(None, UNREAD + " (its cosine decay schedule is computed and unused)", group=T)
     layer_decay: float = _f(1.0, "layer-wise lr decay: only 1.0 (official: ConvNeXt only)", group=T)
@@ -192,6 +194,7 @@ def validate(config: ViTConfig, given: set[str]) -> None:
         raise UserError(f"--input_size {config.input_size}: {config.model} cuts images into {patch}x{patch} patches, "
                         f"so the input size must be a positive multiple of {patch}.")
     for name in ("batch_size", "epochs", "update_freq", "lr", "log_every", "save_ckpt_freq", "save_ckpt_num",
+                 "max_skipped_updates",
                  "recount"):
         if not getattr(config, name) > 0:
             raise UserError(f"--{name} must be positive, got {getattr(config, name)}.")

@@ -198,11 +198,14 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
                f"{updates_per_epoch} updates of {config.batch_size} x {config.update_freq} x {info.world_size} images "
                f"({len(train):,} train, {len(val):,} val); lr {config.lr:g}, warmup {warmup_updates} updates, final "
                f"lr {config.lr * config.min_lr_ratio():.3g}; run directory {run_dir}")
-    return ViTTrainer(config=config, info=info, model=model, raw_model=raw_model, ema=ema, optimizer=optimizer,
-                      wd_scheduler=wd_scheduler, criterion=build_criterion(mixup_active=mixup is not None,
-                                                                           smoothing=config.smoothing),
-                      mixup=mixup, train_samples=TrainSamples(train, train_transform, seed=config.seed),
-                      val_samples=EvalSamples(val, eval_transform), order=order, logger=logger, run_dir=run_dir,
-                      updates_per_epoch=updates_per_epoch, warmup_updates=warmup_updates, autocast=autocast,
-                      state=state)
+    trainer = ViTTrainer(config=config, info=info, model=model, raw_model=raw_model, ema=ema, optimizer=optimizer,
+                         wd_scheduler=wd_scheduler, criterion=build_criterion(mixup_active=mixup is not None,
+                                                                              smoothing=config.smoothing),
+                         mixup=mixup, train_samples=TrainSamples(train, train_transform, seed=config.seed),
+                         val_samples=EvalSamples(val, eval_transform), order=order, logger=logger, run_dir=run_dir,
+                         updates_per_epoch=updates_per_epoch, warmup_updates=warmup_updates, autocast=autocast,
+                         state=state)
+    if saved and not config.eval:
+        trainer.nonfinite.load_state_dict(saved.get("nonfinite", {}))
+    return trainer
 
