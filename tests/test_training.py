@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.multiprocessing as mp
 from transformers import LlamaForCausalLM
 
 from alphadecay import dist
+from alphadecay.checkpoint import load_checkpoint
 from alphadecay.config import parse_args
 from alphadecay.data import IGNORE_INDEX
 from alphadecay.loss import CausalLMLoss
@@ -67,6 +69,21 @@ def test_resume_continues_exactly_as_if_never_stopped(reference_run, tmp_path):
     after = LlamaForCausalLM.from_pretrained(tmp_path / "model_8").state_dict()
     before = LlamaForCausalLM.from_pretrained(reference_run / "model_8").state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_the_training_state_is_memory_mapped_and_never_written(reference_run, tmp_path):
+    """load_checkpoint maps training_state.pt instead of reading it into the process (one page-cache copy for all
+    the ranks of a node), on the device it is given; the optimizer's in-place updates must not reach the file."""
+    shutil.copytree(reference_run / "model_4", tmp_path / "model_4")
+    path = tmp_path / "model_4" / "training_state.pt"
+    before = path.read_bytes()
+    weights, saved = load_checkpoint(str(tmp_path / "model_4"), torch.device("cpu"))
+    assert str(path) in Path("/proc/self/maps").read_text()
+    assert {w.device.type for w in weights.values()} == {"cpu"}
+    exp_avg = saved["optimizer"]["state"][0]["exp_avg"]
+    exp_avg.add_(1.0)
+    del weights, saved, exp_avg
+    assert path.read_bytes() == before
 
 
 def test_stop_flag_keeps_sigterm_and_passes_a_second_sigint_on():

@@ -139,7 +139,7 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
         run_dir, checkpoint = "", find_checkpoint(config.resume) if config.resume else None
     else:
         run_dir, checkpoint = resolve_output_dir(config, info)
-    weights, saved = load_checkpoint(checkpoint) if checkpoint else (None, None)
+    weights, saved = load_checkpoint(checkpoint, info.device) if checkpoint else (None, None)
 
     # -- model, EMA, groups, optimizer, scheduler ------------------------------------------------------------------
     torch.manual_seed(config.seed + info.rank)  # as the official main.py; DDP then gives every rank rank 0's init
