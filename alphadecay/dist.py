@@ -55,12 +55,16 @@ def setup(requested_device: str = "auto") -> DistInfo:
 
 
 def ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DistributedDataParallel as every entry point wraps its model: on this rank's GPU (no device_ids on CPU), and
-    without broadcasting buffers each forward (the models' buffers are constants, identical on every rank)."""
+    """DistributedDataParallel as every entry point wraps its model: on this rank's GPU (no device_ids on CPU),
+    without broadcasting buffers each forward (the models' buffers are constants, identical on every rank), and
+    with the gradients as views into its all-reduce buckets (one copy of the gradients instead of two: 2.7 GB at
+    1B in bf16). With zero_grad(set_to_none=True) each backward's fresh gradient is copied into its bucket as it
+    is ready and then freed, so the views hold again at every optimizer step; the values are unchanged."""
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   broadcast_buffers=False,
+                                   gradient_as_bucket_view=True)
 
 
 def teardown() -> None:

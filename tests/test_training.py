@@ -21,8 +21,10 @@ from alphadecay.data import IGNORE_INDEX
 from alphadecay.loss import CausalLMLoss
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
+from alphadecay.run import wrap_model
 from alphadecay.wd.groups import build_param_groups
 from alphadecay.trainer import StopFlag, Trainer
+from alphadecay.wd.methods.awd import AWD
 from alphadecay.wd.methods.uniform import Uniform
 from tests.conftest import (REPO, TINY_CONFIG, by_step, free_port, read_metrics, run_main, run_subprocess,
                             train_args)
@@ -141,16 +143,22 @@ def make_rows(seed=0, rows=8, length=24):
     return input_ids, labels
 
 
-def one_update(micro_batches, info, ddp=False, optimizer_name="adamw"):
+def one_update(micro_batches, info, optimizer_name="adamw", updates=1, awd=False):
+    """The loss of the last of `updates` updates on the same batch, the parameters after them, and the module the
+    trainer ran (DDP through dist.ddp over several processes). With `awd`, AWD reads every gradient before each
+    optimizer step."""
     config, _ = parse_args(["--optimizer", optimizer_name, "--weight_decay", "0.1", "--lr", "1e-2",
                             "--model_config", TINY_CONFIG])
     raw = build_model(load_model_config(TINY_CONFIG), seed=0).double()
-    optimizer = build_optimizer(build_param_groups(raw, weight_decay=0.1), config, info.device)
-    model = torch.nn.parallel.DistributedDataParallel(CausalLMLoss(raw)) if ddp else raw
-    trainer = Trainer.for_updates(config, info, model, optimizer, Uniform(), raw_model=raw)
-    loss_sum, targets, _, _, _ = trainer.train_step(1, micro_batches)
+    param_groups = build_param_groups(raw, weight_decay=0.1)
+    optimizer = build_optimizer(param_groups, config, info.device)
+    wd = AWD([g["name"] for g in param_groups], weight_decay=0.1, multiplier=1.0) if awd else Uniform()
+    model = wrap_model(raw, config, info, compile=False)
+    trainer = Trainer.for_updates(config, info, model, optimizer, wd, raw_model=raw)
+    for _ in range(updates):
+        loss_sum, targets, _, _, _ = trainer.train_step(1, micro_batches)
     loss = dist.all_reduce_sum(loss_sum.double().clone()).item() / targets
-    return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}
+    return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}, model
 
 
 CPU1 = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -161,8 +169,8 @@ def test_gradient_accumulation_equals_one_large_batch(optimizer_name):
     input_ids, labels = make_rows()
     whole = [{"input_ids": input_ids, "labels": labels}]
     split = [{"input_ids": input_ids[i:i + 2], "labels": labels[i:i + 2]} for i in range(0, 8, 2)]
-    loss_a, params_a = one_update(whole, CPU1, optimizer_name=optimizer_name)
-    loss_b, params_b = one_update(split, CPU1, optimizer_name=optimizer_name)
+    loss_a, params_a, _ = one_update(whole, CPU1, optimizer_name=optimizer_name)
+    loss_b, params_b, _ = one_update(split, CPU1, optimizer_name=optimizer_name)
     assert loss_a == pytest.approx(loss_b, rel=1e-12)
     for key in params_a:
         torch.testing.assert_close(params_a[key], params_b[key], rtol=1e-10, atol=1e-12)
@@ -176,17 +184,25 @@ def _ddp_worker(rank, port, out):
     mine = slice(4 * rank, 4 * rank + 4)  # rank 0 gets the long rows, rank 1 the short ones
     micro = [{"input_ids": input_ids[mine][i:i + 2], "labels": labels[mine][i:i + 2]} for i in (0, 2)]
     info = dist.DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
-    loss, params = one_update(micro, info, ddp=True)
-    torch.save({"loss": loss, "params": params}, os.path.join(out, f"rank{rank}.pt"))
+    loss, params, model = one_update(micro, info, updates=2, awd=True)
+    model(micro[0]["input_ids"], micro[0]["labels"]).backward()  # where DDP leaves the gradients
+    grads = [p.grad for p in model.module.parameters()]
+    storages = {g.untyped_storage().data_ptr() for g in grads}
+    torch.save({"loss": loss, "params": params, "grads": len(grads), "storages": len(storages)},
+               os.path.join(out, f"rank{rank}.pt"))
     torch_dist.destroy_process_group()
 
 
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
+    """Two updates (no_sync on the first of two micro-batches, AWD reading the gradients, zero_grad(set_to_none)
+    between them) through dist.ddp, whose gradients are views into its all-reduce buckets
+    (gradient_as_bucket_view: no second copy of the gradients), equal one process on the same global batch."""
     mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     input_ids, labels = make_rows()
-    loss, params = one_update([{"input_ids": input_ids, "labels": labels}], CPU1)
+    loss, params, _ = one_update([{"input_ids": input_ids, "labels": labels}], CPU1, updates=2, awd=True)
     for rank in (0, 1):
         result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["storages"] < result["grads"] / 4  # the gradients share a few bucket storages
         assert result["loss"] == pytest.approx(loss, rel=1e-12)
         for key in params:
             torch.testing.assert_close(result["params"][key], params[key], rtol=1e-10, atol=1e-12)
