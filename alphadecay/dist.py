@@ -49,9 +49,16 @@ def setup(requested_device: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(**process_group_options(device), rank=rank, world_size=world_size)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def process_group_options(device: torch.device) -> dict:
+    """NCCL bound to this rank's GPU on CUDA (device_id: the communicator is created at once on that device, and
+    collectives such as barrier() need not guess it), gloo on CPU."""
+    if device.type == "cuda":
+        return {"backend": "nccl", "device_id": device}
+    return {"backend": "gloo"}
 
 
 def ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
