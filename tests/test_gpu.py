@@ -75,3 +75,12 @@ def test_a_model_built_on_the_gpu_equals_the_cpu_build_bit_for_bit():
         assert got.keys() == host.keys()
         for name, value in host.items():
             assert got[name].device.type == "cuda" and torch.equal(got[name], value), name
+
+
+def test_the_prefetcher_pins_batches_for_the_gpu():
+    from alphadecay.data import Prefetcher
+
+    source = iter([({"input_ids": torch.ones(2, 8, dtype=torch.int32)}, {"rows": 2})])
+    (batch, state), = list(Prefetcher(source, device=torch.device("cuda", 0)))
+    assert batch["input_ids"].is_pinned() and state == {"rows": 2}
+    assert torch.equal(batch["input_ids"].to("cuda", non_blocking=True).cpu(), torch.ones(2, 8, dtype=torch.int32))
