@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import threading
 import time
 from collections import Counter
 
@@ -217,9 +218,12 @@ def test_the_prefetcher_pins_the_tensors_for_a_cuda_device_only(monkeypatch):
         pinned.append(tensor.clone())
         return pinned[-1]
 
+    current = []  # the producer thread's GPU: the run's, not GPU 0
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append((device, threading.get_ident())))
     gpu = data.Prefetcher(batches_and_states(), device=torch.device("cuda", 1))
     got = list(gpu)
+    assert current == [(torch.device("cuda", 1), gpu._thread.ident)]
     assert gpu.pin_memory and len(pinned) == 6
     assert all(b["input_ids"] is pinned[2 * i] and b["labels"] is pinned[2 * i + 1] for i, (b, _) in enumerate(got))
     expected = list(batches_and_states())
