@@ -65,8 +65,9 @@ def ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """DistributedDataParallel as every entry point wraps its model: on this rank's GPU (no device_ids on CPU),
     without broadcasting buffers each forward (the models' buffers are constants, identical on every rank), and
     with the gradients as views into its all-reduce buckets (one copy of the gradients instead of two: 2.7 GB at
-    1B in bf16). With zero_grad(set_to_none=True) each backward's fresh gradient is copied into its bucket as it
-    is ready and then freed, so the views hold again at every optimizer step; the values are unchanged."""
+    1B in bf16). After zero_grad(set_to_none=True) the synchronising backward copies each fresh gradient into its
+    bucket as soon as it is ready and frees it, so the saving holds for an update of one micro-batch; the
+    micro-batches before the last (no_sync) still accumulate into fresh gradients. The values are unchanged."""
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
