@@ -56,7 +56,7 @@ class HostCompute(TorchDispatchMode):
             if id(t) not in copies:
                 host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
                 # A meta tensor has no values; an overwritten one needs none: their host copies stay uninitialised.
-                if t.device.type != "meta" and not (func in OVERWRITES and t is args[0]):
+                if t.device.type != "meta" and not (func in OVERWRITES and args and t is args[0]):
                     host.copy_(t)
                 copies[id(t)] = (t, host)
             return copies[id(t)][1]
