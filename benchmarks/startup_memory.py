@@ -130,7 +130,10 @@ def child(args: argparse.Namespace) -> dict:
         cast_model(model, device, torch.bfloat16)
         sync()
         seconds, peak = time.perf_counter() - start, status_kib("VmHWM")
-        check = digest(model) if device.type != "meta" else hashlib.sha256(torch.get_rng_state().numpy()).hexdigest()[:16]
+        if device.type == "meta":  # no values: the random stream the build consumed
+            check = hashlib.sha256(torch.get_rng_state().numpy()).hexdigest()[:16]
+        else:
+            check = digest(model)
         return {"peak_mib": (peak - before) / 1024, "seconds": seconds, "digest": check}
     if args.child == "write":
         model = fast_model(config, device)
@@ -245,7 +248,8 @@ def part_resume(args: argparse.Namespace) -> tuple[list[str], bool]:
     rows = [f"| resume llama_{args.config} ({written['gib']:.1f} GiB checkpoint) to {args.device} | host, {kind} | "
             f"{before[key]:,.0f} MiB ({before['seconds']:.0f} s) | {now[key]:,.0f} MiB ({now['seconds']:.0f} s) | "
             f"{now[key] / max(before[key], 1e-9):.3f} | |"
-            for kind, key in (("anonymous (the rank's own)", "anon_mib"), ("VmHWM (with shared file pages)", "hwm_mib"))]
+            for kind, key in (("anonymous (the rank's own)", "anon_mib"),
+                              ("VmHWM (with shared file pages)", "hwm_mib"))]
     return rows, True
 
 

@@ -18,7 +18,6 @@ from alphadecay import dist
 from alphadecay.checkpoint import load_checkpoint
 from alphadecay.config import parse_args
 from alphadecay.data import IGNORE_INDEX
-from alphadecay.loss import CausalLMLoss
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
 from alphadecay.run import wrap_model
