@@ -95,11 +95,16 @@ def find_model_dir(path: str) -> str:
                         f"pytorch_model.bin), a checkpoint model_<step>, nor a run directory holding one.") from None
 
 
-def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The weights and the training state of a checkpoint directory."""
-    weights = load_file(os.path.join(path, "model.safetensors"))
+def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights (on `device`) and the training state of a checkpoint directory, without a host copy of either.
+
+    safetensors reads the weights from the file's memory map to `device` one tensor at a time. training_state.pt
+    (torch.save's zip format) is memory-mapped: its tensors (the optimizer state) are read from the page cache,
+    which the ranks of a node share, when optimizer.load_state_dict copies them to the parameters' device (on the
+    CPU the optimizer keeps them as copy-on-write pages of the map, and the file is never written)."""
+    weights = load_file(os.path.join(path, "model.safetensors"), device=str(device))
     # Our own file, written by save_checkpoint: it holds numpy RNG states, so not weights_only.
-    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False, mmap=True)
     return weights, state
 
 

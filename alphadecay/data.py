@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 
 from alphadecay.errors import UserError
 
@@ -284,11 +285,19 @@ class TokenBatches:
 
 
 class Prefetcher:
-    """Runs a batch iterator in a background thread, `depth` batches ahead of the trainer."""
+    """Runs a batch iterator in a background thread, `depth` batches ahead of the trainer.
+
+    For a CUDA `device` the thread also copies each item's tensors into pinned (page-locked) host memory, so the
+    trainer's `.to(device, non_blocking=True)` is an asynchronous copy that overlaps the GPU's work rather than a
+    synchronous one through a staging buffer. The thread first makes `device` its current GPU, as DataLoader's
+    pinning thread does: a new thread starts on GPU 0, where pinning would open a context for every rank. Other
+    devices get the items as the source yields them."""
 
     _END = object()
 
-    def __init__(self, source, depth: int = 4):
+    def __init__(self, source, depth: int = 4, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else None
+        self.pin_memory = self.device is not None and self.device.type == "cuda"
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
@@ -296,7 +305,11 @@ class Prefetcher:
 
     def _run(self, source) -> None:
         try:
+            if self.pin_memory and self.device.index is not None:
+                torch.cuda.set_device(self.device)
             for item in source:
+                if self.pin_memory:
+                    item = pytree.tree_map_only(torch.Tensor, lambda t: t.pin_memory(), item)
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)

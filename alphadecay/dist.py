@@ -49,18 +49,30 @@ def setup(requested_device: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(**process_group_options(device), rank=rank, world_size=world_size)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def process_group_options(device: torch.device) -> dict:
+    """NCCL bound to this rank's GPU on CUDA (device_id: the communicator is created at once on that device, and
+    collectives such as barrier() need not guess it), gloo on CPU."""
+    if device.type == "cuda":
+        return {"backend": "nccl", "device_id": device}
+    return {"backend": "gloo"}
+
+
 def ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DistributedDataParallel as every entry point wraps its model: on this rank's GPU (no device_ids on CPU), and
-    without broadcasting buffers each forward (the models' buffers are constants, identical on every rank)."""
+    """DistributedDataParallel as every entry point wraps its model: on this rank's GPU (no device_ids on CPU),
+    without broadcasting buffers each forward (the models' buffers are constants, identical on every rank), and
+    with the gradients as views into its all-reduce buckets (one copy of the gradients instead of two: 2.7 GB at
+    1B in bf16). After zero_grad(set_to_none=True) the synchronising backward copies each fresh gradient into its
+    bucket as soon as it is ready and frees it, so the saving holds for an update of one micro-batch; the
+    micro-batches before the last (no_sync) still accumulate into fresh gradients. The values are unchanged."""
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   broadcast_buffers=False,
+                                   gradient_as_bucket_view=True)
 
 
 def teardown() -> None:

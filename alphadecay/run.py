@@ -211,10 +211,11 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     use_compile = resolve_compile(config, info.device)
     total_steps = config.train_steps()
 
-    weights, saved = load_checkpoint(inputs.checkpoint) if inputs.checkpoint else (None, None)
-    raw_model = build_model(inputs.model_config, seed=config.seed)
+    weights, saved = load_checkpoint(inputs.checkpoint, info.device) if inputs.checkpoint else (None, None)
+    raw_model = build_model(inputs.model_config, seed=config.seed, device=info.device)
     if weights is not None:
         raw_model.load_state_dict(weights, strict=True)
+        del weights
     cast_model(raw_model, info.device, dtype)
     if config.activation_checkpointing:
         raw_model.gradient_checkpointing_enable()

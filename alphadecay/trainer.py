@@ -146,7 +146,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         config, is_main = self.config, self.info.is_main
-        batches = Prefetcher(self.train_batches)
+        batches = Prefetcher(self.train_batches, device=self.info.device)
         self.stop.install()
         window = self._empty_window()
         # In a log file (not a terminal) the bar redraws at most every 30 s instead of several times a second.

@@ -21,12 +21,17 @@ Parts, in order (`--parts` picks some):
   its defaults (so --compile auto compiles); fails unless the loss falls by more than 1 nat, or unless its logged
   MFU (median over log windows) is within 5% of `measure_updates` of the same model and micro-batch (the trainer
   times each update up to its one host read, so what it logs is the GPU's time, not the host's queueing).
+- memory: benchmarks/startup_memory.py for llama_1b on the GPU: the host's peak while a rank builds the model
+  (on the host in float32 before, on the GPU now) and while it resumes a checkpoint (into memory before, mapped
+  now), and the GPU's peak of DDP updates without and with gradient_as_bucket_view (1 and 2 micro-batches of
+  4 x 256); fails unless the model built on the GPU equals the host build bit for bit.
 The report's first line says what ran, on what, how long it took, and whether every check passed. The exit code
 is 1 if a check failed or a part raised, else 0. Out-of-memory in a throughput variant is a result, not a failure.
 
 --cpu-smoke runs the same code with llama_1m, micro-batches of 2-8 rows of 32 tokens, 1 + 2 updates, torch.compile
-with dynamo's `eager` backend (graph capture without inductor's C++ compilation, which takes minutes on a CPU)
-and an 8-update run, so that the script cannot rot before a GPU runs it (tests/test_gpu_check.py).
+with dynamo's `eager` backend (graph capture without inductor's C++ compilation, which takes minutes on a CPU),
+an 8-update run, and the memory part with the build on `meta` and the rest on the CPU, so that the script cannot
+rot before a GPU runs it (tests/test_gpu_check.py).
 """
 
 from __future__ import annotations
@@ -60,9 +65,10 @@ from alphadecay.optim import build_optimizer  # noqa: E402
 from alphadecay.wd.groups import module_param_groups  # noqa: E402
 from alphadecay.run import wrap_model  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
+import startup_memory  # noqa: E402
 from esd_pass import max_rel_alpha_diff  # noqa: E402
 
-PARTS = ("tests", "throughput", "largest", "esd", "run")
+PARTS = ("tests", "throughput", "largest", "esd", "run", "memory")
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_gpu_speed.py")
 ALPHA_TOLERANCE = 1e-4
 MFU_TOLERANCE = 0.05  # the run's logged MFU against the synchronised measurement
@@ -89,6 +95,11 @@ class Plan:
         "total_batch_size": 64, "max_length": 256, "num_training_steps": 200, "warmup_steps": 20, "lr": 1e-3,
         "eval_every": 200, "log_every": 10, "target_eval_tokens": 200_000, "unbalancedWD_every": 50})
     min_loss_drop: float = 1.0
+    # benchmarks/startup_memory.py: config, device of the build part, device of the resume and ddp parts, ddp sizes
+    memory_config: str = "1b"
+    memory_build_device: str = "cuda:0"
+    memory_device: str = "cuda:0"
+    memory_ddp: tuple[int, int, str] = (4, 256, "1,2")  # rows, tokens per row, micro-batches per update
 
     @classmethod
     def cpu_smoke(cls) -> Plan:
@@ -99,7 +110,8 @@ class Plan:
                              "batch_size": 4, "total_batch_size": 8, "max_length": 64, "num_training_steps": 8,
                              "warmup_steps": 2, "lr": 3e-3, "eval_every": 8, "log_every": 1,
                              "target_eval_tokens": 4000, "unbalancedWD_every": 2, "shuffle_buffer": 64},
-                   min_loss_drop=0.0)
+                   min_loss_drop=0.0, memory_config="1m", memory_build_device="meta", memory_device="cpu",
+                   memory_ddp=(2, 32, "2"))
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
@@ -364,6 +376,23 @@ def compare_logged_mfu(plan: Plan, report: Report, train: list[dict], peak_flops
                     f"{MFU_TOLERANCE:.0%}")
 
 
+def part_memory(plan: Plan, report: Report) -> None:
+    rows, ok = [], True
+    rows_per_micro, length, accumulations = plan.memory_ddp
+    for device, parts in ((plan.memory_build_device, ["build"]), (plan.memory_device, ["resume", "ddp"])):
+        args = startup_memory.parse_args(["--config", plan.memory_config, "--device", device, "--rows",
+                                          str(rows_per_micro), "--length", str(length), "--accumulations",
+                                          accumulations])
+        got, passed = startup_memory.measure(args, parts)
+        rows += got
+        ok &= passed
+    report.add(f"## Start-up and gradient memory, llama_{plan.memory_config}\n\n`benchmarks/startup_memory.py` "
+               "(its docstring says what each row measures); each variant in a fresh process.\n\n"
+               + "\n".join(startup_memory.TABLE_HEAD + rows))
+    if not ok:
+        report.fail(f"memory: the model built on {plan.memory_build_device} differs from the host build")
+
+
 # -- main ------------------------------------------------------------------------------------------------------------
 def device_label(plan: Plan) -> str:
     return torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
@@ -421,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                 part_esd(plan, report)
             elif part == "run":
                 part_run(plan, report, peak_flops)
+            elif part == "memory":
+                part_memory(plan, report)
         except Exception as err:  # noqa: BLE001 - one broken part must not hide the others' results
             report.add(f"## {part}\n\nraised {type(err).__name__}: {err}")
             report.fail(f"{part}: {type(err).__name__}: {err}")

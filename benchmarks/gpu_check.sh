@@ -5,10 +5,12 @@
 #   micro-batch that fits; one AlphaDecay spectral pass on llama_130m and llama_1b against the official computation;
 #   a 200-update AlphaDecay run of llama_60m in bf16 on the shipped sample, whose loss must fall and whose logged MFU
 #   must be within 5% of the synchronised measurement of the same model and micro-batch;
+#   llama_1b's start-up memory (host peak of building it and of resuming it, before vs now; the GPU build must
+#   equal the host build bit for bit) and DDP's gradient memory without and with gradient_as_bucket_view;
 # writes docs/perf/gpu-<device>.md and prints it (its first line: what ran, how long, whether every check passed).
 #
 #   benchmarks/gpu_check.sh                           # everything (meant for <= 8 min on one H100; untimed)
-#   benchmarks/gpu_check.sh --parts throughput,run     # some parts: tests, throughput, largest, esd, run
+#   benchmarks/gpu_check.sh --parts throughput,run     # some parts: tests, throughput, largest, esd, run, memory
 #   benchmarks/gpu_check.sh --cpu-smoke               # every part reduced, on CPU (the test suite runs this)
 #   benchmarks/gpu_check.sh --peak_tflops 756         # MFU on a GPU missing from alphadecay/mfu.py's table
 #

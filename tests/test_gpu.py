@@ -46,3 +46,41 @@ def test_dtype_auto_and_the_official_adam_kernel_on_this_gpu():
         config, _ = parse_args(["--optimizer", optimizer])
         built = build_optimizer([{"params": [p], "weight_decay": 0.1, "lr_scale": 1.0}], config, device)
         assert built.defaults[kernel]
+
+
+def test_a_model_built_on_the_gpu_equals_the_cpu_build_bit_for_bit():
+    """build_model(device=cuda) and the ViT under built_on(cuda): every parameter, the RoPE buffers and the CPU and
+    CUDA generators' states afterwards are those of the host build (alphadecay/device_init.py)."""
+    from alphadecay.device_init import built_on
+    from alphadecay.model import build_model, cast_model, load_model_config
+    from alphadecay.vit.model import build_vit
+    from tests.conftest import TINY_CONFIG
+
+    def llama(device):
+        return cast_model(build_model(load_model_config(TINY_CONFIG), seed=0, device=device), "cuda", torch.float32)
+
+    def vit(device):
+        torch.manual_seed(0)
+        with built_on(device):
+            return build_vit("vit_tiny_patch4_32", num_classes=10).cuda()
+
+    def tensors(model):
+        return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+    for build in (llama, vit):
+        host = tensors(build("cpu"))
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state()
+        got = tensors(build(torch.device("cuda", 0)))
+        assert torch.equal(torch.get_rng_state(), rng[0]) and torch.equal(torch.cuda.get_rng_state(), rng[1])
+        assert got.keys() == host.keys()
+        for name, value in host.items():
+            assert got[name].device.type == "cuda" and torch.equal(got[name], value), name
+
+
+def test_the_prefetcher_pins_batches_for_the_gpu():
+    from alphadecay.data import Prefetcher
+
+    source = iter([({"input_ids": torch.ones(2, 8, dtype=torch.int32)}, {"rows": 2})])
+    (batch, state), = list(Prefetcher(source, device=torch.device("cuda", 0)))
+    assert batch["input_ids"].is_pinned() and state == {"rows": 2}
+    assert torch.equal(batch["input_ids"].to("cuda", non_blocking=True).cpu(), torch.ones(2, 8, dtype=torch.int32))

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from alphadecay import dist
 from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_state
+from alphadecay.device_init import built_on
 from alphadecay.errors import UserError
 from alphadecay.metrics import MetricsLogger
 from alphadecay.optim import make_optimizer, resolve_optimizer_impl
@@ -138,14 +139,16 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
         run_dir, checkpoint = "", find_checkpoint(config.resume) if config.resume else None
     else:
         run_dir, checkpoint = resolve_output_dir(config, info)
-    weights, saved = load_checkpoint(checkpoint) if checkpoint else (None, None)
+    weights, saved = load_checkpoint(checkpoint, info.device) if checkpoint else (None, None)
 
     # -- model, EMA, groups, optimizer, scheduler ------------------------------------------------------------------
     torch.manual_seed(config.seed + info.rank)  # as the official main.py; DDP then gives every rank rank 0's init
-    raw_model = build_vit(config.model, num_classes=num_classes, img_size=config.input_size,
-                          drop_path_rate=config.drop_path)
+    with built_on(info.device):  # the CPU build's values, without the whole model on the host
+        raw_model = build_vit(config.model, num_classes=num_classes, img_size=config.input_size,
+                              drop_path_rate=config.drop_path)
     if weights is not None:
         raw_model.load_state_dict(weights, strict=True)
+        del weights
     raw_model.to(info.device)
     model: torch.nn.Module = raw_model
     if info.distributed:  # broadcasts rank 0's weights before the EMA copies them
