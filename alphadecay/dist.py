@@ -59,8 +59,10 @@ def ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     without broadcasting buffers each forward (the models' buffers are constants, identical on every rank)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    # forward_sync_buffers=False (torch 2.13's name for the deprecated broadcast_buffers=False, which warns): no
+    # broadcast each forward; DDP's construction still syncs the buffers once from rank 0, a no-op for constants.
     return DistributedDataParallel(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   forward_sync_buffers=False)
 
 
 def teardown() -> None:
