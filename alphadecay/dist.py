@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from alphadecay.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -34,8 +36,6 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from alphadecay.errors import UserError
-
         raise UserError("--device cuda was given but torch sees no CUDA device; use --device cpu or auto.")
     return torch.device("cuda", local_rank)
 
@@ -100,6 +100,23 @@ def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def on_main(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` run on rank 0 only, its result on every rank. A UserError it raises is raised on every
+    rank, so a run that stops for it stops everywhere, with no rank left waiting in a collective."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    result = error = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except UserError as err:
+            error = err
+    if distributed:
+        result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def barrier() -> None:
