@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alphadecay import dist
-from alphadecay.checkpoint import rng_state, save_checkpoint
+from alphadecay.checkpoint import prune_checkpoints, rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
 from alphadecay.data import IGNORE_INDEX, Prefetcher, RowSpec
 from alphadecay.evaluate import evaluate_rows
@@ -228,14 +228,18 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self) -> None:
-        """Every rank contributes its data position and RNG state; rank 0 writes the checkpoint."""
+        """Every rank contributes its data position and RNG state; rank 0 writes the checkpoint, then deletes those
+        beyond --keep_checkpoints. A save that fails (a full disk) raises its RunFault on every rank."""
         data_states = dist.all_gather_objects(self.data_state)
         rng_states = dist.all_gather_objects(rng_state())
-        if self.info.is_main:
+
+        def write() -> None:
             state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "train_time": self.state.train_time,
                      "optimizer": self.optimizer.state_dict(), "wd_scheduler": self.wd_scheduler.state_dict(),
                      "data": data_states, "rng": rng_states, "world_size": self.info.world_size,
                      "wandb_id": self.logger.wandb_id, "config": self.config.to_dict()}
             path = save_checkpoint(self.run_dir, self.state.step, self.raw_model, state)
-            tqdm.write(f"saved {path}")
-        dist.barrier()
+            deleted = prune_checkpoints(self.run_dir, self.config.keep_checkpoints, self.state.step)
+            tqdm.write(f"saved {path}" + (f" (deleted {', '.join(deleted)}: --keep_checkpoints)" if deleted else ""))
+
+        dist.on_main(write)
