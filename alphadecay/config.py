@@ -108,6 +108,7 @@ class TrainConfig(FlagConfig):
     shuffle_buffer: int = _f(1000, "documents in the streaming shuffle buffer (datasets' default, as the official run)", group="model and data")
     workers: int = _f(8, "accepted for compatibility; data is read and tokenised in one background thread per rank", group="model and data")
     use_hf_model: bool = _f(False, "accepted for compatibility: the model is always transformers' LlamaForCausalLM", group="model and data")
+    hub_retry_seconds: float = _f(600.0, "streamed data from the hub: after huggingface_hub's own retries fail, keep re-opening the shard where it broke (backoff 1 s doubling to 60 s, logged) for this many seconds without a document, then save a checkpoint and stop with exit code 75; 0 = stop at the first failure", group="model and data")
 
     # --- optimisation ---------------------------------------------------------------------------------
     optimizer: str = _f("adam", "adam = torch Adam (coupled L2 decay, the paper's Adam table); adamw = decoupled decay", choices=("adam", "adamw"))
@@ -369,6 +370,8 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--peak_tflops must be a positive number of TFLOP/s (e.g. 989 for an H100), got {config.peak_tflops}.")
     if config.keep_checkpoints is not None and config.keep_checkpoints <= 0:
         raise UserError(f"--keep_checkpoints must be at least 1 (omit it to keep every checkpoint), got {config.keep_checkpoints}.")
+    if not (math.isfinite(config.hub_retry_seconds) and config.hub_retry_seconds >= 0):
+        raise UserError(f"--hub_retry_seconds must be a number of seconds >= 0, got {config.hub_retry_seconds}.")
     if config.gradient_accumulation is not None and config.gradient_accumulation <= 0:
         raise UserError(f"--gradient_accumulation must be positive, got {config.gradient_accumulation}.")
     validate_weight_decay(config)

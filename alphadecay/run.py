@@ -242,7 +242,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
             batch_size=config.batch_size, rank=info.rank, world_size=info.world_size)
     else:  # streaming: each rank reads its own shards
         documents = data.DocumentStream(inputs.train_files, rank=info.rank, world_size=info.world_size,
-                                        seed=config.data_seed, buffer_size=config.shuffle_buffer)
+                                        seed=config.data_seed, buffer_size=config.shuffle_buffer,
+                                        retry_seconds=config.hub_retry_seconds)
         train_batches = data.TokenBatches(documents, inputs.tokenizer, inputs.spec, config.batch_size)
     state = restore(saved, optimizer, wd_scheduler, train_batches, info) if saved else TrainState()
     if saved:
@@ -253,7 +254,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                                                             target_tokens=config.target_eval_tokens)
     else:
         eval_rows, exhausted = data.build_eval_rows(inputs.eval_files, inputs.tokenizer, inputs.spec,
-                                                    target_tokens=config.target_eval_tokens)
+                                                    target_tokens=config.target_eval_tokens,
+                                                    retry_seconds=config.hub_retry_seconds)
     if not len(eval_rows):
         raise UserError(f"--dataset {config.dataset}: the validation split holds no complete row to evaluate on.")
     if exhausted:

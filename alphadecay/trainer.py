@@ -27,6 +27,7 @@ from alphadecay import dist
 from alphadecay.checkpoint import prune_checkpoints, rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
 from alphadecay.data import IGNORE_INDEX, Prefetcher, RowSpec
+from alphadecay.errors import HubUnavailable
 from alphadecay.evaluate import evaluate_rows
 from alphadecay.loss import CausalLMLoss, target_count
 from alphadecay.mfu import device_peak_flops, llama_flops_per_token, throughput_metrics
@@ -87,6 +88,7 @@ class Trainer:
         # __call__(model) -> dict of floats (identical on every rank); see alphadecay/diagnostics.py.
         self.probes = list(probes or [])
         self.stop = StopFlag()
+        self.saved_step = state.step  # the newest update with a checkpoint (the resumed one, or 0: none needed)
         self.data_state: dict | None = None
         self.grad_norm: torch.Tensor | None = None  # before clipping, when --grad_clipping > 0
         self.last_loss: float | None = None  # the last logged training loss, for the console
@@ -149,7 +151,7 @@ class Trainer:
                 lr = config.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=config.warmup_steps,
                                            schedule=config.scheduler, min_lr_ratio=config.min_lr_ratio)
                 set_learning_rate(self.optimizer, lr)
-                micro = [next(batches) for _ in range(self.grad_accum)]
+                micro = self.next_micro_batches(batches)
                 self.data_state = micro[-1][1]
                 start = time.perf_counter()
                 loss_sum, targets, tokens, stop, wd_metrics = self.train_step(step, [b for b, _ in micro])
@@ -183,6 +185,28 @@ class Trainer:
             batches.close()
             self.stop.uninstall()
         return self.state
+
+    def next_micro_batches(self, batches) -> list:
+        """The next update's (batch, data state) pairs. When streamed data stays unreadable on a rank past
+        --hub_retry_seconds (HubUnavailable), every rank saves the last completed update and stops with that error.
+        Ranks agree through one all-reduce per update, made only where that can happen (hub data, several ranks)."""
+        try:
+            micro, failure = [next(batches) for _ in range(self.grad_accum)], None
+        except HubUnavailable as err:
+            micro, failure = None, err
+        if self.info.distributed and getattr(self.train_batches, "remote", False):
+            flag = torch.tensor([float(failure is not None)], device=self.info.device)
+            if dist.all_reduce_sum(flag).item() > 0:
+                failure = HubUnavailable(" ".join(str(m) for m in dist.all_gather_objects(failure) if m is not None))
+        if failure is None:
+            return micro
+        if self.state.step > self.saved_step:
+            self.save()
+        kept = (f"update {self.state.step} is saved in {self.run_dir}/model_{self.state.step}" if self.state.step
+                else "no update was done yet, so there is nothing to save")
+        raise HubUnavailable(f"{failure} The run stopped: {kept}. Once the hub answers again, resume with "
+                             f"--continue_from {self.run_dir} (a larger --hub_retry_seconds rides out longer "
+                             "outages).")
 
     def _empty_window(self) -> dict:
         """Sums over the updates since the last training log line."""
@@ -243,3 +267,4 @@ class Trainer:
             tqdm.write(f"saved {path}" + (f" (deleted {', '.join(deleted)}: --keep_checkpoints)" if deleted else ""))
 
         dist.on_main(write)
+        self.saved_step = self.state.step

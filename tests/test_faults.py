@@ -1,13 +1,17 @@
-"""Nothing lost when a run fails: checkpoints that verify, a full disk, a kill at any moment.
+"""Nothing lost when a run fails: checkpoints that verify, a full disk, a flaky hub, a kill at any moment.
 
 - checkpoint.py on synthetic directories: the manifest (any file layout), what verification catches, the newest
   checkpoint that verifies, pre-manifest checkpoints, pruning, the leftovers of dead processes, a failed write;
 - LLaMA and ViT end to end: a damaged newest checkpoint is skipped and the resumed run equals the undamaged one;
   a damaged checkpoint named explicitly is one paragraph; a save that hits a real I/O error (RLIMIT_FSIZE) stops
   the run with one paragraph and leaves the earlier checkpoint intact;
+- the hub (tests/hub_server.py with faults): connections dropped mid-shard and 503 answers beyond huggingface_hub's
+  own retries, then a hub that stays down; two ranks agreeing to stop when one rank's data fails;
 - SIGKILL inside a save (tests/kill_in_save.py) at points drawn by seed: the run directory resumes exactly.
 """
 
+import base64
+import gzip
 import json
 import os
 import random
@@ -21,14 +25,22 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
 
 from alphadecay import checkpoint as ckpt
+from alphadecay import dist
 from alphadecay.config import parse_args
-from alphadecay.errors import RunFault, UserError
+from alphadecay.errors import HubUnavailable, RunFault, UserError
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
+from alphadecay.trainer import Trainer
 from alphadecay.wd.groups import build_param_groups
-from tests.conftest import REPO, TINY_CONFIG, by_step, read_metrics, run_main, run_vit, train_args, vit_args
+from alphadecay.wd.methods.uniform import Uniform
+from tests.conftest import (REPO, SAMPLE, TINY_CONFIG, by_step, free_port, read_metrics, run_main, run_subprocess,
+                            run_vit, train_args, vit_args)
+from tests.hub_server import LocalHub
+from tests.test_hub import hub_env
 
 
 # -- checkpoint.py on synthetic directories --------------------------------------------------------------------
@@ -264,6 +276,133 @@ def test_vit_resumes_past_a_damaged_checkpoint_and_keeps_save_ckpt_num(digits_su
         assert by_step(resumed, key) == by_step(straight, key), key
     assert sorted(p.name for p in (tmp_path / "run").glob("model_*")) == ["model_20", "model_30"]
     assert ckpt.verify_checkpoint(str(tmp_path / "run" / "model_30")) == ckpt.Verdict(True, True)
+
+
+# -- the hub: dropped connections, 503s, an outage ---------------------------------------------------------------
+DATASET = "alphadecay-test/c4-large-shard"
+SHARD = r"c4-train\.00000"
+HUB_FLAGS = dict(num_training_steps=8, save_every=100, eval_every=4, shuffle_buffer=32)
+
+
+@pytest.fixture(scope="module")
+def large_shard(tmp_path_factory):
+    """C4 layout with one 31 MB train shard: the sample's first 200 documents, each with 200 kB of incompressible
+    padding in another field (dropped by select_columns). datasets parses 10 MB of JSON at a time (about 50 rows) and
+    huggingface_hub fetches the compressed file in ranged blocks of 5 MB: the first two blocks hold the first
+    chunk, so the third is first read after about 50 documents, around the third update: a fault there is
+    mid-shard and mid-run."""
+    root = tmp_path_factory.mktemp("large_shard")
+    (root / "en").mkdir()
+    with gzip.open(os.path.join(SAMPLE, "en", "c4-train.00000-of-00008.json.gz"), "rt") as fh:
+        texts = [json.loads(line)["text"] for line in fh][:200]
+    rng = random.Random(0)
+    with gzip.open(root / "en" / "c4-train.00000-of-00001.json.gz", "wt", compresslevel=1) as fh:
+        for text in texts:
+            fh.write(json.dumps({"text": text, "pad": base64.b64encode(rng.randbytes(150_000)).decode()}) + "\n")
+    for name in os.listdir(os.path.join(SAMPLE, "en")):
+        if "validation" in name:
+            shutil.copy(os.path.join(SAMPLE, "en", name), root / "en")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fault_free(large_shard, tmp_path_factory):
+    """The same run from the local copy of the hub repository."""
+    run_dir = tmp_path_factory.mktemp("fault_free")
+    assert run_main(train_args(run_dir, dataset=large_shard, **HUB_FLAGS)) == 0
+    return read_metrics(run_dir)
+
+
+@pytest.mark.slow
+def test_a_flaky_hub_is_retried_and_the_run_reads_exactly_the_same_documents(large_shard, fault_free, tmp_path):
+    """Mid-shard (the third 5 MB block), the connection drops after 1 kB, then the hub answers 503 five times:
+    huggingface_hub's own 5 retries are spent, so the stream waits, re-opens the shard and skips the documents it
+    had yielded; the re-opened read gets one more 503, which the client retries. Exit 0, the same numbers."""
+    with LocalHub({("datasets", DATASET): large_shard}) as hub:
+        hub.drop(count=1, after_bytes=1000, pattern=SHARD, skip=4)
+        hub.fail(count=6, pattern=SHARD)
+        done = run_subprocess(train_args(tmp_path, dataset=DATASET, **HUB_FLAGS), env=hub_env(hub, tmp_path / "hf"),
+                              timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert hub.faults_served == 7 and hub.unhandled == []
+    assert re.search(r"warning: the data \(hf://datasets/alphadecay-test/c4-large-shard/en\): reading failed "
+                     r"\(HfHubHTTPError: .*503.*\); retry 1 in 1 s", done.stderr)
+    assert "Traceback" not in done.stderr
+    for key in ("loss", "eval_loss", "tokens_seen"):
+        assert by_step(read_metrics(tmp_path), key) == by_step(fault_free, key), key
+
+
+@pytest.mark.slow
+def test_a_hub_down_past_the_bound_saves_a_checkpoint_and_stops_and_the_run_resumes_exactly(large_shard, fault_free,
+                                                                                             tmp_path):
+    """From the third block on, every read of the shard gets 503: after --hub_retry_seconds 2 the run saves the
+    last completed update and stops with exit code 75 and one paragraph; that checkpoint, resumed (here from the
+    local copy of the same files), completes the run with the fault-free numbers."""
+    with LocalHub({("datasets", DATASET): large_shard}) as hub:
+        hub.fail(count=10**6, pattern=SHARD, skip=4)
+        done = run_subprocess(train_args(tmp_path, dataset=DATASET, hub_retry_seconds=2, **HUB_FLAGS),
+                              env=hub_env(hub, tmp_path / "hf"), timeout=400)
+    assert done.returncode == 75, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    error = done.stderr[done.stderr.index("error: "):]
+    assert error.count("\n") == 1 and "could not be read for" in error and "--hub_retry_seconds is 2" in error
+    saved = re.search(r"The run stopped: update (\d+) is saved in (\S+)/model_\1\. Once the hub answers again, resume "
+                      rf"with --continue_from {tmp_path}", error)
+    assert saved, error
+    step = int(saved.group(1))
+    assert 1 <= step < 8 and ckpt.checkpoint_steps(str(tmp_path)) == [step]
+    assert ckpt.verify_checkpoint(str(tmp_path / f"model_{step}")) == ckpt.Verdict(True, True)
+    assert run_main(train_args(tmp_path, dataset=large_shard, continue_from=tmp_path, **HUB_FLAGS)) == 0
+    for key in ("loss", "eval_loss", "tokens_seen"):
+        assert by_step(read_metrics(tmp_path), key) == by_step(fault_free, key), key
+
+
+class FailingBatches:
+    """Stands in for hub-streamed TokenBatches: `fail_at` batches in, the data is gone for good."""
+
+    remote = True
+
+    def __init__(self, fail_at):
+        self.count, self.fail_at = 0, fail_at
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.fail_at:
+            raise HubUnavailable("rank 1's data could not be read.")
+        return {}, {"batch": self.count}
+
+
+def _agreement_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    info = dist.DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
+    config, _ = parse_args(["--model_config", TINY_CONFIG])
+    raw = build_model(load_model_config(TINY_CONFIG), seed=0)
+    trainer = Trainer.for_updates(config, info, raw, build_optimizer(build_param_groups(raw, weight_decay=0.1), config,
+                                                                     info.device), Uniform())
+    batches = FailingBatches(fail_at=3 if rank == 1 else 10**6)
+    trainer.train_batches, trainer.run_dir, saves = batches, "RUN", []
+    trainer.save = lambda: saves.append(trainer.state.step)
+    outcome = None
+    for step in range(5):
+        try:
+            trainer.next_micro_batches(batches)
+        except HubUnavailable as err:
+            outcome = (step, str(err))
+            break
+        trainer.state.step = step + 1
+    torch.save({"outcome": outcome, "saves": saves}, os.path.join(out, f"rank{rank}.pt"))
+    torch_dist.destroy_process_group()
+
+
+def test_when_one_ranks_data_fails_every_rank_saves_the_same_update_and_stops(tmp_path):
+    mp.spawn(_agreement_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        step, message = result["outcome"]
+        assert step == 2 and result["saves"] == [2], result
+        assert message.startswith("rank 1's data could not be read. The run stopped: update 2 is saved in RUN/model_2")
 
 
 # -- SIGKILL inside a save ----------------------------------------------------------------------------------------
