@@ -262,12 +262,14 @@ def _owner() -> str:
 
 
 def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
+                    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
+                    resume_flag: str = "--continue_from") -> str:
     """Write model_<step> so that it is either complete and verifiable or absent; `state` is everything but the
     weights; `extra_weights` maps a file stem to a state_dict saved beside the model. Returns the directory.
 
-    A failed write removes its temporary directory and raises a RunFault (bytes needed and free); a model_<step>
-    that already exists (a damaged one, skipped at resume) is replaced only by a complete new one."""
+    A failed write removes its temporary directory and raises a RunFault (bytes needed and free, and how to
+    resume: `resume_flag`); a model_<step> that already exists (a damaged one, skipped at resume) is replaced only
+    by a complete new one."""
     final = checkpoint_dir(run_dir, step)
     tmp = os.path.join(run_dir, f".tmp-model_{step}-{_owner()}")
     weights = {} if hasattr(model, "save_pretrained") else {"model": model.state_dict()}
@@ -301,7 +303,7 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, state: dict
         cause = _io_failure(err)
         if cause is None:
             raise
-        raise RunFault(save_failure_message(run_dir, final, cause, needed)) from None
+        raise RunFault(save_failure_message(run_dir, final, cause, needed, resume_flag)) from None
     return final
 
 
@@ -319,15 +321,16 @@ def _io_failure(err: BaseException) -> str | None:
     return None
 
 
-def save_failure_message(run_dir: str, path: str, cause: str, needed: int) -> str:
+def save_failure_message(run_dir: str, path: str, cause: str, needed: int, resume_flag: str) -> str:
     free = shutil.disk_usage(run_dir).free if os.path.isdir(run_dir) else 0
     kept = [f"model_{s}" for s in checkpoint_steps(run_dir)]
     room = ("" if free < needed else " The file system has room for it, so a quota or a file-size limit (ulimit -f) "
             "is the likely limit.")
+    then = (f"Free space (or move the run directory to a larger disk), then resume with {resume_flag} {run_dir}."
+            if kept else "Free space (or choose another directory), then start the run again.")
     return (f"the checkpoint {path} could not be written ({cause}). It needs about {_size(needed)}; the file system "
             f"holding {run_dir} has {_size(free)} free.{room} The partial write was removed and the earlier "
-            f"checkpoints are intact ({', '.join(kept) if kept else 'none yet'}). Free space (or choose another "
-            f"--save_dir/--output_dir and copy the run directory there), then resume from the run directory.")
+            f"checkpoints are intact ({', '.join(kept) if kept else 'none yet'}). {then}")
 
 
 def prune_checkpoints(run_dir: str, keep: int | None, step: int) -> list[str]:

@@ -250,6 +250,7 @@ def test_a_save_hitting_an_io_error_stops_with_one_paragraph_and_keeps_the_last_
     assert re.search(r"It needs about 13\.\d MB \([\d,]+ bytes\); the file system holding \S+ has .* free\. The file "
                      r"system has room for it, so a quota or a file-size limit", err)
     assert "the earlier checkpoints are intact (model_4)" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert err.endswith(f"then resume with --continue_from {run}.\n")
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["model_4"]
     assert ckpt.verify_checkpoint(str(run / "model_4")) == before == ckpt.Verdict(True, True)
 
@@ -355,6 +356,22 @@ def test_a_hub_down_past_the_bound_saves_a_checkpoint_and_stops_and_the_run_resu
     assert run_main(train_args(tmp_path, dataset=large_shard, continue_from=tmp_path, **HUB_FLAGS)) == 0
     for key in ("loss", "eval_loss", "tokens_seen"):
         assert by_step(read_metrics(tmp_path), key) == by_step(fault_free, key), key
+
+
+def test_which_read_errors_of_a_remote_shard_are_retried():
+    from alphadecay.data import is_transient
+
+    def http_error(status):
+        err = OSError(f"HTTP {status}")  # huggingface_hub's HfHubHTTPError is an OSError with a response
+        err.response = type("Response", (), {"status_code": status})()
+        return err
+
+    for err in (http_error(503), http_error(500), http_error(429), ConnectionError("Server Disconnected"),
+                TimeoutError(), FileNotFoundError("gzip://c4-train...::hf://..."), type("ReadError", (Exception,), {
+                    "__module__": "httpx2._exceptions"})("peer closed connection")):
+        assert is_transient(err), err
+    for err in (http_error(404), http_error(401), PermissionError(), ValueError("bad JSON"), KeyError("text")):
+        assert not is_transient(err), err
 
 
 class FailingBatches:

@@ -244,7 +244,7 @@ class ViTTrainer:
                      "rng": rng_states, "layout": self.layout(), "wandb_id": self.logger.wandb_id,
                      "config": config.to_dict()}
             extra = {"model_ema": self.ema.state_dict()} if self.ema is not None else None
-            path = save_checkpoint(self.run_dir, self.state.step, self.raw_model, state, extra)
+            path = save_checkpoint(self.run_dir, self.state.step, self.raw_model, state, extra, resume_flag="--resume")
             prune_checkpoints(self.run_dir, config.save_ckpt_num, self.state.step)
             tqdm.write(f"saved {path}")
 
