@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=2 torchrun_main.py --model_config configs/llama_130m.json ...   # DDP (NCCL or gloo)
 
 `python torchrun_main.py --help` lists every flag. User errors (flags, files, sizes) are reported in one
-paragraph with exit code 2 before any compute; see README.md.
+paragraph with exit code 2 before any compute; a run stopped by its environment (a save that cannot be written:
+exit code 1; a hub down past --hub_retry_seconds: 75) in one paragraph saying what was kept; see README.md.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 from alphadecay import dist
 from alphadecay.config import parse_args
-from alphadecay.errors import RunFailed, UserError
+from alphadecay.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.logger.close()
         finally:
             dist.teardown()
-    except (UserError, RunFailed) as err:
+    except UserError as err:  # and its RunFault subclasses: one paragraph, no traceback
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     return 0

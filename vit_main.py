@@ -5,7 +5,8 @@
 
 The official ViT command lines run with `main.py` replaced by `vit_main.py` (and their --data_path).
 `python vit_main.py --help` lists every flag. User errors (flags, files, sizes) are reported in one paragraph
-with exit code 2 before any compute; see README.md ("ViT on ImageNet").
+with exit code 2 before any compute, and a save that cannot be written (a full disk) with exit code 1; see
+README.md ("ViT on ImageNet").
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from alphadecay import dist
-from alphadecay.errors import RunFailed, UserError
+from alphadecay.errors import UserError
 from alphadecay.vit.config import parse_vit_args
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.logger.close()
         finally:
             dist.teardown()
-    except (UserError, RunFailed) as err:
+    except UserError as err:  # and its RunFault subclasses: one paragraph, no traceback
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     return 0

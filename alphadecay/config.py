@@ -105,6 +105,7 @@ class TrainConfig(FlagConfig):
     shuffle_buffer: int = _f(1000, "documents in the streaming shuffle buffer (datasets' default, as the official run)", group="model and data")
     workers: int = _f(8, "accepted for compatibility; data is read and tokenised in one background thread per rank", group="model and data")
     use_hf_model: bool = _f(False, "accepted for compatibility: the model is always transformers' LlamaForCausalLM", group="model and data")
+    hub_retry_seconds: float = _f(600.0, "streamed data from the hub: after huggingface_hub's own retries fail, keep re-opening the shard where it broke (backoff 1 s doubling to 60 s, logged) for this many seconds without a document, then save a checkpoint and stop with exit code 75; 0 = stop at the first failure", group="model and data")
 
     # --- optimisation ---------------------------------------------------------------------------------
     optimizer: str = _f("adam", "adam = torch Adam (coupled L2 decay, the paper's Adam table); adamw = decoupled decay", choices=("adam", "adamw"))
@@ -174,8 +175,9 @@ class TrainConfig(FlagConfig):
     log_every: int = _f(1, "log training metrics every this many updates", group="evaluation, logging, checkpoints")
     peak_tflops: Optional[float] = _f(None, "the device's peak dense bf16 TFLOP/s for the logged mfu (CUDA only); default: looked up from the GPU's name (A100, H100, H200), mfu omitted for other GPUs", group="evaluation, logging, checkpoints")
     save_every: int = _f(10000, "checkpoint every this many updates (and at the end)", group="evaluation, logging, checkpoints")
+    keep_checkpoints: Optional[int] = _f(None, "keep the newest N checkpoints: older ones are deleted once a newer one is complete; default all", group="evaluation, logging, checkpoints")
     save_dir: Optional[str] = _f(None, "run directory (checkpoints, metrics.jsonl, wandb); default checkpoints/<config>-<time>-<wandb_name>", group="evaluation, logging, checkpoints")
-    continue_from: Optional[str] = _f(None, "resume from a checkpoint directory (model_<step>) or a run directory (its latest checkpoint)", group="evaluation, logging, checkpoints")
+    continue_from: Optional[str] = _f(None, "resume from a checkpoint directory (model_<step>), which must verify against its manifest, or a run directory (its newest checkpoint that verifies; newer damaged ones are named and skipped)", group="evaluation, logging, checkpoints")
     wandb_name: str = _f("code_test", "wandb run name", group="evaluation, logging, checkpoints")
     wandb_project: str = _f("AlphaDecay", "wandb project", group="evaluation, logging, checkpoints")
     wandb_mode: Optional[str] = _f(None, "wandb mode; default: $WANDB_MODE if set, else offline", choices=("online", "offline", "disabled"), group="evaluation, logging, checkpoints")
@@ -366,6 +368,10 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--loss_chunk_tokens must be >= 0 (0 = the whole micro-batch at once), got {config.loss_chunk_tokens}.")
     if config.peak_tflops is not None and not (math.isfinite(config.peak_tflops) and config.peak_tflops > 0):
         raise UserError(f"--peak_tflops must be a positive number of TFLOP/s (e.g. 989 for an H100), got {config.peak_tflops}.")
+    if config.keep_checkpoints is not None and config.keep_checkpoints <= 0:
+        raise UserError(f"--keep_checkpoints must be at least 1 (omit it to keep every checkpoint), got {config.keep_checkpoints}.")
+    if not (math.isfinite(config.hub_retry_seconds) and config.hub_retry_seconds >= 0):
+        raise UserError(f"--hub_retry_seconds must be a number of seconds >= 0, got {config.hub_retry_seconds}.")
     if config.gradient_accumulation is not None and config.gradient_accumulation <= 0:
         raise UserError(f"--gradient_accumulation must be positive, got {config.gradient_accumulation}.")
     validate_weight_decay(config)

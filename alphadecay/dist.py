@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from alphadecay.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -34,8 +36,6 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from alphadecay.errors import UserError
-
         raise UserError("--device cuda was given but torch sees no CUDA device; use --device cpu or auto.")
     return torch.device("cuda", local_rank)
 
@@ -70,9 +70,10 @@ def ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     micro-batches before the last (no_sync) still accumulate into fresh gradients. The values are unchanged."""
     from torch.nn.parallel import DistributedDataParallel
 
+    # forward_sync_buffers=False (torch 2.13's name for the deprecated broadcast_buffers=False, which warns): no
+    # broadcast each forward; DDP's construction still syncs the buffers once from rank 0, a no-op for constants.
     return DistributedDataParallel(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                   broadcast_buffers=False,
-                                   gradient_as_bucket_view=True)
+                                   forward_sync_buffers=False, gradient_as_bucket_view=True)
 
 
 def teardown() -> None:
@@ -110,6 +111,23 @@ def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def on_main(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` run on rank 0 only, its result on every rank. A UserError it raises is raised on every
+    rank, so a run that stops for it stops everywhere, with no rank left waiting in a collective."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    result = error = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except UserError as err:
+            error = err
+    if distributed:
+        result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def barrier() -> None:

@@ -20,7 +20,8 @@ from transformers.utils import logging as hf_logging
 
 from alphadecay import config as config_lib
 from alphadecay import data, dist, pretokenized
-from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_state
+from alphadecay.checkpoint import (disk_space_warning, estimate_checkpoint_bytes, find_checkpoint, load_checkpoint,
+                                   remove_stale_temporaries, set_rng_state)
 from alphadecay.config import TrainConfig
 from alphadecay.diagnostics import ScalingDiagnostics
 from alphadecay.errors import UserError
@@ -116,6 +117,8 @@ def resolve_run_dir(config: TrainConfig, info: dist.DistInfo, checkpoint: str | 
                             f"--continue_from {run_dir}, or choose another --save_dir.")
     if info.is_main:
         os.makedirs(run_dir, exist_ok=True)
+        for note in remove_stale_temporaries(run_dir):
+            print(f"note: {note}", flush=True)
     dist.barrier()
     return run_dir
 
@@ -173,7 +176,12 @@ def check_inputs(config: TrainConfig, info: dist.DistInfo) -> Inputs:
         stored = None
         train_files = data.list_shards(config.dataset, config.dataset_config, "train")
         eval_files = data.list_shards(config.dataset, config.dataset_config, "validation")
-    checkpoint = find_checkpoint(config.continue_from) if config.continue_from else None
+    checkpoint = None
+    if config.continue_from:  # rank 0 verifies (reading every byte once) and tells every rank which to load
+        found = dist.on_main(find_checkpoint, config.continue_from, "--continue_from")
+        for note in found.notes:
+            log0(info, note)
+        checkpoint = found.path
     return Inputs(model_config, tokenizer, spec, train_files, eval_files, grad_accum, checkpoint, stored)
 
 
@@ -226,6 +234,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     optimizer = build_optimizer(param_groups, config, info.device)
     optimizer_impl = resolve_optimizer_impl(config.optimizer_impl, config.optimizer, info.device)
     wd_scheduler = from_flags(config, raw_model, optimizer)
+    if warning := dist.on_main(disk_space_warning, run_dir, estimate_checkpoint_bytes(raw_model, optimizer)):
+        log0(info, warning)
 
     if inputs.pretokenized is not None:  # one global permutation; each rank takes its share of every batch
         train_batches = inputs.pretokenized.train_batches(
@@ -233,7 +243,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
             batch_size=config.batch_size, rank=info.rank, world_size=info.world_size)
     else:  # streaming: each rank reads its own shards
         documents = data.DocumentStream(inputs.train_files, rank=info.rank, world_size=info.world_size,
-                                        seed=config.data_seed, buffer_size=config.shuffle_buffer)
+                                        seed=config.data_seed, buffer_size=config.shuffle_buffer,
+                                        retry_seconds=config.hub_retry_seconds)
         train_batches = data.TokenBatches(documents, inputs.tokenizer, inputs.spec, config.batch_size)
     state = restore(saved, optimizer, wd_scheduler, train_batches, info) if saved else TrainState()
     if saved:
@@ -244,7 +255,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                                                             target_tokens=config.target_eval_tokens)
     else:
         eval_rows, exhausted = data.build_eval_rows(inputs.eval_files, inputs.tokenizer, inputs.spec,
-                                                    target_tokens=config.target_eval_tokens)
+                                                    target_tokens=config.target_eval_tokens,
+                                                    retry_seconds=config.hub_retry_seconds)
     if not len(eval_rows):
         raise UserError(f"--dataset {config.dataset}: the validation split holds no complete row to evaluate on.")
     if exhausted:

@@ -27,9 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from alphadecay import dist
-from alphadecay.checkpoint import latest_checkpoint, rng_state, save_checkpoint
+from alphadecay.checkpoint import prune_checkpoints, rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
 from alphadecay.data import IGNORE_INDEX, Prefetcher, RowSpec
+from alphadecay.errors import HubUnavailable
 from alphadecay.evaluate import evaluate_rows
 from alphadecay.loss import CausalLMLoss
 from alphadecay.mfu import device_peak_flops, llama_flops_per_token, throughput_metrics
@@ -92,6 +93,7 @@ class Trainer:
         # __call__(model) -> dict of floats (identical on every rank); see alphadecay/diagnostics.py.
         self.probes = list(probes or [])
         self.stop = StopFlag()
+        self.saved_step = state.step  # the newest update with a checkpoint (the resumed one, or 0: none needed)
         self.data_state: dict | None = None
         self.nonfinite = NonfiniteGuard(config.nonfinite, config.max_skipped_updates)
         self.last_loss: float | None = None  # the last logged training loss, for the console
@@ -157,7 +159,7 @@ class Trainer:
                 lr = config.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=config.warmup_steps,
                                            schedule=config.scheduler, min_lr_ratio=config.min_lr_ratio)
                 set_learning_rate(self.optimizer, lr)
-                micro = [next(batches) for _ in range(self.grad_accum)]
+                micro = self.next_micro_batches(batches)
                 self.data_state = micro[-1][1]
                 start = time.perf_counter()  # the previous update's read (or an evaluation) left the GPU idle
                 outcome = self.train_step([b for b, _ in micro])
@@ -166,7 +168,7 @@ class Trainer:
                 self.state.step, self.state.tokens_seen = step + 1, self.state.tokens_seen + int(tokens)
                 self.state.train_time += elapsed
                 self.nonfinite.check(outcome, self.state.step, logger=self.logger,
-                                     last_checkpoint=latest_checkpoint(self.run_dir))
+                                     run_dir=self.run_dir)
                 stop = outcome.stop
                 if outcome.applied:
                     window["loss"] += outcome.loss_sum
@@ -197,6 +199,28 @@ class Trainer:
             batches.close()
             self.stop.uninstall()
         return self.state
+
+    def next_micro_batches(self, batches) -> list:
+        """The next update's (batch, data state) pairs. When streamed data stays unreadable on a rank past
+        --hub_retry_seconds (HubUnavailable), every rank saves the last completed update and stops with that error.
+        Ranks agree through one all-reduce per update, made only where that can happen (hub data, several ranks)."""
+        try:
+            micro, failure = [next(batches) for _ in range(self.grad_accum)], None
+        except HubUnavailable as err:
+            micro, failure = None, err
+        if self.info.distributed and getattr(self.train_batches, "remote", False):
+            flag = torch.tensor([float(failure is not None)], device=self.info.device)
+            if dist.all_reduce_sum(flag).item() > 0:
+                failure = HubUnavailable(" ".join(str(m) for m in dist.all_gather_objects(failure) if m is not None))
+        if failure is None:
+            return micro
+        if self.state.step > self.saved_step:
+            self.save()
+        kept = (f"update {self.state.step} is saved in {self.run_dir}/model_{self.state.step}" if self.state.step
+                else "no update was done yet, so there is nothing to save")
+        raise HubUnavailable(f"{failure} The run stopped: {kept}. Once the hub answers again, resume with "
+                             f"--continue_from {self.run_dir} (a larger --hub_retry_seconds rides out longer "
+                             "outages).")
 
     @staticmethod
     def _empty_window() -> dict:
@@ -241,15 +265,20 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self) -> None:
-        """Every rank contributes its data position and RNG state; rank 0 writes the checkpoint."""
+        """Every rank contributes its data position and RNG state; rank 0 writes the checkpoint, then deletes those
+        beyond --keep_checkpoints. A save that fails (a full disk) raises its RunFault on every rank."""
         data_states = dist.all_gather_objects(self.data_state)
         rng_states = dist.all_gather_objects(rng_state())
-        if self.info.is_main:
+
+        def write() -> None:
             state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "train_time": self.state.train_time,
                      "nonfinite": self.nonfinite.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "wd_scheduler": self.wd_scheduler.state_dict(),
                      "data": data_states, "rng": rng_states, "world_size": self.info.world_size,
                      "wandb_id": self.logger.wandb_id, "config": self.config.to_dict()}
             path = save_checkpoint(self.run_dir, self.state.step, self.raw_model, state)
-            tqdm.write(f"saved {path}")
-        dist.barrier()
+            deleted = prune_checkpoints(self.run_dir, self.config.keep_checkpoints, self.state.step)
+            tqdm.write(f"saved {path}" + (f" (deleted {', '.join(deleted)}: --keep_checkpoints)" if deleted else ""))
+
+        dist.on_main(write)
+        self.saved_step = self.state.step

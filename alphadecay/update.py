@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 from alphadecay import dist
-from alphadecay.errors import RunFailed
+from alphadecay.checkpoint import latest_checkpoint
+from alphadecay.errors import RunDiverged
 
 
 def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -106,7 +107,7 @@ class NonfiniteGuard:
         self.skipped = 0  # updates dropped in all
         self.in_a_row = 0
 
-    def check(self, outcome: Outcome, update: int, *, logger, last_checkpoint: str | None) -> None:
+    def check(self, outcome: Outcome, update: int, *, logger, run_dir: str | None) -> None:
         """After update `update` (1-based: updates completed) was read: count a skip, or end the run."""
         if outcome.finite:
             self.in_a_row = 0
@@ -127,11 +128,12 @@ class NonfiniteGuard:
         what = (f"the loss is not finite ({outcome.loss_sum} summed; on rank(s) "
                 f"{', '.join(map(str, outcome.nonfinite_ranks))})" if outcome.nonfinite_ranks
                 else f"the gradient norm is not finite ({outcome.grad_norm})")
+        last_checkpoint = latest_checkpoint(run_dir) if run_dir else None
         where = (f"The last checkpoint is {last_checkpoint}; resume from it with --continue_from (--resume for the "
                  "ViT) after changing what diverged." if last_checkpoint else "No checkpoint was written before it.")
         repeated = (f" after {self.in_a_row - 1} skipped update(s) in a row (--nonfinite skip, "
                     f"--max_skipped_updates {self.max_skipped})" if self.mode == "skip" else "")
-        raise RunFailed(f"update {update}: {what}{repeated}, so the run stops without saving anything from this "
+        raise RunDiverged(f"update {update}: {what}{repeated}, so the run stops without saving anything from this "
                         f"update (--nonfinite {self.mode}). {where} {self.ADVICE}; or --nonfinite skip to drop such "
                         "updates and go on.")
 

@@ -182,7 +182,7 @@ def child(args: argparse.Namespace) -> dict:
         optimizer, train_config = adamw(raw, device)
         if args.variant == "before":
             model = DistributedDataParallel(CausalLMLoss(raw), device_ids=[info.local_rank] if device.type == "cuda"
-                                            else None, broadcast_buffers=False, gradient_as_bucket_view=False)
+                                            else None, forward_sync_buffers=False, gradient_as_bucket_view=False)
         else:
             model = dist.ddp(CausalLMLoss(raw), info)
         trainer = Trainer.for_updates(train_config, info, model, optimizer, raw_model=raw)

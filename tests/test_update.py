@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import alphadecay
 from alphadecay import dist, wd
 from alphadecay.config import parse_args
-from alphadecay.errors import RunFailed
+from alphadecay.errors import RunDiverged
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
 from alphadecay.trainer import Trainer
@@ -175,9 +175,9 @@ def test_a_skipped_update_changes_neither_weights_nor_optimizer_nor_decay_schedu
     assert trainer.wd_scheduler.update == 2  # counted, so the passes keep their update numbers
     assert all(p.grad is None for p in trainer.raw_model.parameters())
     guard = NonfiniteGuard("skip", max_skipped=1)
-    guard.check(outcome, 2, logger=None, last_checkpoint=None)
-    with pytest.raises(RunFailed, match="after 1 skipped update"):
-        guard.check(outcome, 3, logger=None, last_checkpoint=None)
+    guard.check(outcome, 2, logger=None, run_dir=None)
+    with pytest.raises(RunDiverged, match="after 1 skipped update"):
+        guard.check(outcome, 3, logger=None, run_dir=None)
 
 
 def _nan_on_rank_1(rank, port, out):

@@ -139,11 +139,11 @@ class ViTConfig(FlagConfig):
 
     # --- evaluation, logging, checkpoints -----------------------------------------------------------------
     output_dir: Optional[str] = _f(None, "run directory (checkpoints, metrics.jsonl, wandb, config.json); default checkpoints/<model>-<time>-<wandb_name>", group=L)
-    resume: str = _f("", "resume from a checkpoint directory (model_<update>) or a run directory (its latest checkpoint)", group=L)
-    auto_resume: bool = _f(False, "resume from --output_dir's latest checkpoint when it has one", group=L)
+    resume: str = _f("", "resume from a checkpoint directory (model_<update>), which must verify against its manifest, or a run directory (its newest checkpoint that verifies; newer damaged ones are named and skipped)", group=L)
+    auto_resume: bool = _f(False, "resume from --output_dir's newest checkpoint that verifies when it has one", group=L)
     save_ckpt: bool = _f(True, "write a checkpoint every --save_ckpt_freq epochs and at the end (a stop signal always writes one)", group=L)
     save_ckpt_freq: int = _f(1, "epochs between checkpoints", group=L)
-    save_ckpt_num: int = _f(3, "checkpoints kept (the newest)", group=L)
+    save_ckpt_num: int = _f(3, "checkpoints kept (the newest): older ones are deleted once a newer one is complete (as the LLaMA side's --keep_checkpoints)", group=L)
     start_epoch: int = _f(0, "must stay 0: a run starts at epoch 0 or where --resume's checkpoint left off", group=L)
     eval: bool = _f(False, "only evaluate (the initialisation, or --resume's checkpoint) and exit", group=L)
     dist_eval: bool = _f(True, COMPAT + "evaluation is always shared among the processes, every image counted once", group=L)

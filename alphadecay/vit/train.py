@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from alphadecay import dist
-from alphadecay.checkpoint import latest_checkpoint, rng_state, save_checkpoint
+from alphadecay.checkpoint import prune_checkpoints, rng_state, save_checkpoint
 from alphadecay.optim import lr_factor, set_learning_rate
 from alphadecay.wd.groups import mean_weight_decay
 from alphadecay.trainer import StopFlag
@@ -145,7 +142,7 @@ class ViTTrainer:
                     elapsed = time.perf_counter() - start  # up to the read: the GPU's work is done
                     self.state.step, self.state.train_time = step + 1, self.state.train_time + elapsed
                     self.nonfinite.check(outcome, self.state.step, logger=self.logger,
-                                         last_checkpoint=latest_checkpoint(self.run_dir))
+                                         run_dir=self.run_dir)
                     stop = outcome.stop  # every rank stops after the same update
                     if outcome.applied:
                         window["loss"] += outcome.loss_sum
@@ -249,10 +246,11 @@ class ViTTrainer:
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self) -> None:
         """Every rank contributes its RNG states (the default torch generator drives drop path); rank 0 writes
-        model_<update> (model.safetensors, model_ema.safetensors, training_state.pt) and keeps the newest
-        --save_ckpt_num checkpoints."""
+        model_<update> (model.safetensors, model_ema.safetensors, training_state.pt, manifest.json), then keeps
+        the newest --save_ckpt_num checkpoints. A save that fails (a full disk) raises its RunFault on every rank."""
         rng_states = dist.all_gather_objects(rng_state())
-        if self.info.is_main:
+
+        def write() -> None:
             config = self.config
             state = {"step": self.state.step, "epoch": self.state.step / self.updates_per_epoch,
                      "train_time": self.state.train_time, "best": dict(self.state.best),
@@ -261,12 +259,11 @@ class ViTTrainer:
                      "rng": rng_states, "layout": self.layout(), "wandb_id": self.logger.wandb_id,
                      "config": config.to_dict()}
             extra = {"model_ema": self.ema.state_dict()} if self.ema is not None else None
-            path = save_checkpoint(self.run_dir, self.state.step, self.raw_model, state, extra)
-            steps = sorted(int(m.group(1)) for d in os.listdir(self.run_dir) if (m := re.fullmatch(r"model_(\d+)", d)))
-            for old in steps[:-config.save_ckpt_num]:
-                shutil.rmtree(os.path.join(self.run_dir, f"model_{old}"), ignore_errors=True)
+            path = save_checkpoint(self.run_dir, self.state.step, self.raw_model, state, extra, resume_flag="--resume")
+            prune_checkpoints(self.run_dir, config.save_ckpt_num, self.state.step)
             tqdm.write(f"saved {path}")
-        dist.barrier()
+
+        dist.on_main(write)
 
     def layout(self) -> dict[str, int]:
         return run_layout(self.config, self.info.world_size, len(self.train_samples))
