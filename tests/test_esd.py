@@ -186,6 +186,22 @@ def test_bfloat16_weights_and_chunking():
         torch.testing.assert_close(e, exact_eigs(w.float()), rtol=0, atol=1e-5 * e[-1].item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_blocked_gram_writes_every_entry(dtype):
+    """N >= 512 takes the blocked path (products for the upper block rows, copies below): every entry of the
+    output buffer is overwritten with aᵀa, none left as it was (NaN here, garbage from torch.empty in use)."""
+    from alphadecay.esd.spectral import _gram
+
+    for n, m in ((700, 512), (1100, 515)):
+        a = (torch.randn(n, m, generator=gen(n + m), dtype=torch.float64) * 0.02).to(dtype)
+        out = torch.full((m, m), math.nan, dtype=dtype)
+        _gram(a, out)
+        exact = a.double().T @ a.double()
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), exact, rtol=0, atol=(1e-5 if dtype == torch.float32 else 1e-13)
+                                   * exact.abs().max().item())
+
+
 def test_cpu_worker_threads_restore_the_thread_count():
     threads = torch.get_num_threads()
     esd.eigenvalues(random_init_weights())

@@ -16,13 +16,30 @@ def test_pure_bf16_training_on_cuda(tmp_path):
     assert len(losses) == 4 and all(v == v for v in losses.values())
 
 
-def test_esd_on_cuda_matches_cpu():
+@pytest.mark.parametrize("gram_dtype", [torch.float32, torch.float64])
+def test_esd_on_cuda_matches_cpu(gram_dtype):
+    """N >= 512: the blocked Gram product (upper block rows by matmul, lower blocks copied) on the GPU, in the
+    dtype the median fit (fp32) and the search fits (fp64) use; every entry written."""
+    from alphadecay.esd.spectral import _gram
+
     gen = torch.Generator().manual_seed(0)
-    weights = [(f"w{i}", torch.randn(256, 96, generator=gen) * 0.02) for i in range(4)]
-    cpu = esd.module_metrics(weights)
-    gpu = esd.module_metrics([(n, w.cuda()) for n, w in weights])
+    weights = [(f"w{i}", torch.randn(*shape, generator=gen) * 0.02)
+               for i, shape in enumerate([(1376, 512), (512, 1376), (640, 640), (700, 515)])]
+    fit = "median" if gram_dtype == torch.float32 else "goodness-of-fit"
+    cpu = esd.module_metrics(weights, fit=fit)
+    gpu = esd.module_metrics([(n, w.cuda()) for n, w in weights], fit=fit)
     for name in cpu:
-        assert gpu[name]["alpha"] == pytest.approx(cpu[name]["alpha"], rel=1e-4)
+        assert gpu[name]["alpha"] == pytest.approx(cpu[name]["alpha"], rel=1e-4), name
+    for _, w in weights:
+        a = w.cuda().to(gram_dtype)
+        out = torch.full((min(w.shape),) * 2, float("nan"), dtype=gram_dtype, device="cuda")
+        _gram(a if a.shape[0] >= a.shape[1] else a.mT, out)
+        exact = (a.mT @ a if a.shape[0] >= a.shape[1] else a @ a.mT).double()
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5 * exact.abs().max().item())
+        cuda_eigs = esd.eigenvalues([w.cuda()], gram_dtype=gram_dtype)[0].cpu()
+        torch.testing.assert_close(cuda_eigs, torch.linalg.svdvals(w.double()).square().sort().values, rtol=0,
+                                   atol=1e-5 * cuda_eigs[-1].item())
 
 
 def test_cuda_adam_kernels_apply_the_decay_the_cpu_ones_do():

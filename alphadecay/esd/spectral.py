@@ -153,15 +153,17 @@ def _serial_gram_eigvalsh(weights: list[torch.Tensor], dtype: torch.dtype) -> to
     size = min(weights[0].shape)
     gram = torch.empty(len(weights), size, size, dtype=dtype, device=weights[0].device)
     for g, w in zip(gram, weights):
-        _upper_gram(_oriented(w).to(dtype), g)
+        _gram(_oriented(w).to(dtype), g)
     return torch.linalg.eigvalsh(gram, UPLO="U").clamp_(min=0).to(torch.float64)
 
 
-def _upper_gram(a: torch.Tensor, out: torch.Tensor, min_block: int = 128) -> None:
-    """The upper triangle (and diagonal blocks) of aᵀa into `out`, in ~2/3 of the full product's flops.
+def _gram(a: torch.Tensor, out: torch.Tensor, min_block: int = 128) -> None:
+    """aᵀa into `out`, every entry written, in ~2/3 of the full product's flops.
 
-    out[:h] = a[:, :h]ᵀ a gives the top block rows; the bottom-right block recurses. The strictly lower blocks
-    are left unwritten: eigvalsh(UPLO="U") does not read them (documented for torch.linalg.eigvalsh).
+    out[:h] = a[:, :h]ᵀ a gives the top block rows, the block below the diagonal is the transpose of the one
+    above it (a copy, not a product), and the bottom-right block recurses. eigvalsh(UPLO="U") reads only the
+    upper triangle, but nothing is left uninitialised: a solver that read the whole matrix, or a finiteness
+    check of it, sees aᵀa (symmetric up to the rounding of the diagonal blocks' products).
     """
     n = a.shape[1]
     if n <= min_block:
@@ -169,7 +171,8 @@ def _upper_gram(a: torch.Tensor, out: torch.Tensor, min_block: int = 128) -> Non
         return
     half = n // 2
     torch.matmul(a[:, :half].mT, a, out=out[:half])
-    _upper_gram(a[:, half:], out[half:, half:], min_block)
+    out[half:, :half].copy_(out[:half, half:].mT)
+    _gram(a[:, half:], out[half:, half:], min_block)
 
 
 # ---------------------------------------------------------------------------------------------------------------
