@@ -19,7 +19,7 @@ def test_pure_bf16_training_on_cuda(tmp_path):
 @pytest.mark.parametrize("gram_dtype", [torch.float32, torch.float64])
 def test_esd_on_cuda_matches_cpu(gram_dtype):
     """N >= 512: the blocked Gram product (upper block rows by matmul, lower blocks copied) on the GPU, in the
-    dtype the median fit (fp32) and the search fits (fp64) use; every entry written."""
+    dtype the median fit (fp32) and the search fits (fp64) use; every entry written; a NaN weight is a NaN row."""
     from alphadecay.esd.spectral import _gram
 
     gen = torch.Generator().manual_seed(0)
@@ -40,6 +40,11 @@ def test_esd_on_cuda_matches_cpu(gram_dtype):
         cuda_eigs = esd.eigenvalues([w.cuda()], gram_dtype=gram_dtype)[0].cpu()
         torch.testing.assert_close(cuda_eigs, torch.linalg.svdvals(w.double()).square().sort().values, rtol=0,
                                    atol=1e-5 * cuda_eigs[-1].item())
+    poisoned = weights[0][1].clone().cuda()
+    poisoned[1, 2] = float("nan")
+    out = esd.module_metrics([("poisoned", poisoned), (weights[1][0], weights[1][1].cuda())], fit=fit)
+    assert out["poisoned"]["alpha"] != out["poisoned"]["alpha"]
+    assert out[weights[1][0]]["alpha"] == pytest.approx(cpu[weights[1][0]]["alpha"], rel=1e-4)
 
 
 def test_cuda_adam_kernels_apply_the_decay_the_cpu_ones_do():

@@ -149,12 +149,19 @@ def _single_threaded_gram_eigvalsh(weights: list[torch.Tensor], dtype: torch.dty
 
 
 def _serial_gram_eigvalsh(weights: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """UPLO="U": LAPACK's reduction of the upper triangle (in torch's layout) measured 12-17% faster on this CPU."""
+    """UPLO="U": LAPACK's reduction of the upper triangle (in torch's layout) measured 12-17% faster on this CPU.
+
+    A weight with a NaN or an infinity (or whose Gram overflows `dtype`) gets a row of NaN: its Gram matrix is
+    zeroed before eigvalsh, which raises on non-finite input (on CUDA too, where the error surfaces at the next
+    synchronisation), and its eigenvalues are replaced afterwards; no host synchronisation."""
     size = min(weights[0].shape)
     gram = torch.empty(len(weights), size, size, dtype=dtype, device=weights[0].device)
     for g, w in zip(gram, weights):
         _gram(_oriented(w).to(dtype), g)
-    return torch.linalg.eigvalsh(gram, UPLO="U").clamp_(min=0).to(torch.float64)
+    bad = ~torch.isfinite(gram).flatten(1).all(dim=1)
+    gram.masked_fill_(bad[:, None, None], 0)
+    eigs = torch.linalg.eigvalsh(gram, UPLO="U").clamp_(min=0).to(torch.float64)
+    return eigs.masked_fill_(bad[:, None], math.nan)
 
 
 def _gram(a: torch.Tensor, out: torch.Tensor, min_block: int = 128) -> None:
@@ -512,9 +519,22 @@ def module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], *, need_ei
     farms_sampling = farms if estimator == "farms" else None
     owners = assign_owners([_cost(w, farms_sampling) for w in weights], world)
     mine = [i for i, owner in enumerate(owners) if owner == rank]
-    rows = _metric_rows([weights[i] for i in mine], eigs_thresh, fit_kwargs, farms_sampling)
-    if world > 1:
-        rows = _gather_rows(rows, mine, owners, process_group)
+    if world == 1:
+        rows = _metric_rows(weights, eigs_thresh, fit_kwargs, farms_sampling)
+    else:
+        # Every rank must reach the all_gather, or the others wait there until the process group's timeout: an
+        # error here (non-finite weights give NaN rows and raise nothing, but memory can run out) is sent along
+        # as a flag, and every rank raises after the gather.
+        try:
+            rows, error = _metric_rows([weights[i] for i in mine], eigs_thresh, fit_kwargs, farms_sampling), None
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the collective
+            rows, error = torch.full((len(mine), len(METRIC_KEYS)), math.nan, dtype=torch.float64), err
+        rows, failed = _gather_rows(rows, mine, owners, process_group, failed=error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"the spectral pass failed on rank(s) {', '.join(map(str, failed))} of the process "
+                               f"group (their own error is in their output); no rank has metrics")
     return {name: dict(zip(METRIC_KEYS, row)) for name, row in zip(names, rows.cpu().tolist())}
 
 
@@ -586,15 +606,18 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     return owners
 
 
-def _gather_rows(rows: torch.Tensor, mine: list[int], owners: list[int],
-                 group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Every module's row, in module order, from its owner (one all_gather of a (modules × metrics) tensor)."""
+def _gather_rows(rows: torch.Tensor, mine: list[int], owners: list[int], group: dist.ProcessGroup | None, *,
+                 failed: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """Every module's row, in module order, from its owner, and the ranks (of `group`) that flagged `failed`: one
+    all_gather of a (modules + 1) × metrics tensor whose last row carries the flag."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    local = torch.zeros(len(owners), len(METRIC_KEYS), dtype=torch.float64, device=device)
+    local = torch.zeros(len(owners) + 1, len(METRIC_KEYS), dtype=torch.float64, device=device)
     local[mine] = rows.to(device)
+    local[-1, 0] = float(failed)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
-    return torch.stack([gathered[owner][i] for i, owner in enumerate(owners)])
+    flags = torch.stack([g[-1, 0] for g in gathered]).tolist()
+    return torch.stack([gathered[owner][i] for i, owner in enumerate(owners)]), [r for r, f in enumerate(flags) if f]
 
 
 # ---------------------------------------------------------------------------------------------------------------
