@@ -131,6 +131,7 @@ class TrainConfig(FlagConfig):
     loss_chunk_tokens: int = _f(0, "compute lm_head and the cross-entropy over this many tokens at a time, so the fp32 logits of a whole micro-batch never exist (alphadecay/loss.py); 0 = the whole micro-batch at once")
     seed: int = _f(0, "seed of the model initialisation (the same on every rank)")
     device: str = _f("auto", "auto = this rank's GPU when there is one, else CPU", choices=("auto", "cpu", "cuda"))
+    dist_timeout: float = _f(10.0, "minutes a collective may wait for the other processes before the run fails (the process group's timeout): a rank that dies mid-run then ends the others instead of leaving them in a collective; raise it if one rank legitimately works alone longer (torch's own default: 10 for NCCL, 30 for gloo)")
     single_cuda: bool = _f(False, "accepted for compatibility: a one-process run never uses DDP")
 
     # --- weight decay ---------------------------------------------------------------------------------
@@ -366,6 +367,7 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--loss_chunk_tokens must be >= 0 (0 = the whole micro-batch at once), got {config.loss_chunk_tokens}.")
     if config.peak_tflops is not None and not (math.isfinite(config.peak_tflops) and config.peak_tflops > 0):
         raise UserError(f"--peak_tflops must be a positive number of TFLOP/s (e.g. 989 for an H100), got {config.peak_tflops}.")
+    check_dist_timeout(config.dist_timeout)
     if config.gradient_accumulation is not None and config.gradient_accumulation <= 0:
         raise UserError(f"--gradient_accumulation must be positive, got {config.gradient_accumulation}.")
     validate_weight_decay(config)
@@ -396,6 +398,12 @@ def validate_weight_decay(config: FlagConfig) -> None:
             re.compile(pattern)
         except re.error as err:
             raise UserError(f"--wd_exclude {pattern!r} is not a valid regular expression: {err}.") from None
+
+
+def check_dist_timeout(minutes: float) -> None:
+    """--dist_timeout (TrainConfig, ViTConfig)."""
+    if not 0 < minutes < math.inf:
+        raise UserError(f"--dist_timeout must be a positive number of minutes (default 10), got {minutes}.")
 
 
 def check_farms(window: int, aspect_ratio: float, windows_per_dim: int) -> None:
