@@ -153,6 +153,7 @@ class TrainConfig(FlagConfig):
     farms_window: int = _f(2000, "FARMS: short side of each submatrix, capped to the matrix (the authors' LLaMA runs: 2000)", group="weight decay")
     farms_aspect_ratio: float = _f(1.0, "FARMS: long side / short side of each submatrix, >= 1 (the authors' LLaMA runs: 1, square)", group="weight decay")
     farms_windows_per_dim: int = _f(15, "FARMS: submatrix positions along each dimension (the authors' LLaMA runs: 15)", group="weight decay")
+    farms_min_step: float = _f(0.05, "FARMS: neighbouring submatrix positions at least this fraction of the submatrix's side apart, i.e. fewer positions where a matrix is barely larger than the submatrix (llama_1b's 2048-wide sides); 0 = the authors' positions, which at 1B are 3 rows apart", group="weight decay")
     xmin_pos: float = _f(2.0, "median fit: xmin is eigenvalue number int(N / xmin_pos) (2 = the median)", group="weight decay")
     filter_zeros: bool = _f(False, "drop eigenvalues <= 1e-5 before fitting", group="weight decay")
     remove_first_layer: bool = _f(True, "leave the first Linear in module order (layer-0 q_proj) at the base decay, as the official code", group="weight decay")
@@ -390,7 +391,7 @@ def validate_weight_decay(config: FlagConfig) -> None:
         raise UserError("--wd_min_ratio and --wd_max_ratio must be >= 0.")
     if config.xmin_pos <= 1:
         raise UserError(f"--xmin_pos must be > 1 (2 = median xmin), got {config.xmin_pos}.")
-    check_farms(config.farms_window, config.farms_aspect_ratio, config.farms_windows_per_dim)
+    check_farms(config.farms_window, config.farms_aspect_ratio, config.farms_windows_per_dim, config.farms_min_step)
     if config.wd_method() == "awd" and config.weight_decay <= 0:
         raise UserError("AWD sets lambda_awd = --awd_multiplier * --weight_decay; give --weight_decay > 0.")
     for pattern in config.wd_exclude:
@@ -406,11 +407,14 @@ def check_dist_timeout(minutes: float) -> None:
         raise UserError(f"--dist_timeout must be a positive number of minutes (default 10), got {minutes}.")
 
 
-def check_farms(window: int, aspect_ratio: float, windows_per_dim: int) -> None:
+def check_farms(window: int, aspect_ratio: float, windows_per_dim: int, min_step: float) -> None:
     """The FARMS sampling flags (training and `python -m alphadecay.esd`)."""
     if window < 1 or windows_per_dim < 1 or not aspect_ratio >= 1:
         raise UserError(f"--farms_window and --farms_windows_per_dim must be >= 1 and --farms_aspect_ratio >= 1 "
                         f"(1 = square submatrices); got {window}, {windows_per_dim}, {aspect_ratio}.")
+    if not 0 <= min_step < math.inf:
+        raise UserError(f"--farms_min_step must be a finite fraction >= 0 (0 = the FARMS authors' window positions, "
+                        f"0.05 = the default); got {min_step}.")
 
 
 def official_adadecay_init_applies(config: TrainConfig) -> bool:

@@ -197,16 +197,26 @@ class FarmsSampling:
 
     window: the short side of each submatrix (the authors' num_row_samples), capped to what fits the matrix;
     aspect_ratio: long side / short side of each submatrix, >= 1 (the authors' Q_ratio);
-    per_dim: window positions along each dimension (the authors' sampling_ops_per_dim).
+    per_dim: window positions along each dimension (the authors' sampling_ops_per_dim);
+    min_step: neighbouring positions along a side are at least ⌈min_step × the window's side⌉ apart, so fewer
+    positions where the matrix is barely larger than the window (not in the authors' code; 0 = their positions,
+    see `farms_windows`).
     """
 
     window: int = 2000
     aspect_ratio: float = 1.0
     per_dim: int = 15
+    min_step: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.window < 1 or self.per_dim < 1 or not self.aspect_ratio >= 1:
-            raise ValueError(f"FARMS needs window >= 1, per_dim >= 1 and aspect_ratio >= 1; got {self}")
+        if self.window < 1 or self.per_dim < 1 or not self.aspect_ratio >= 1 or not 0 <= self.min_step < math.inf:
+            raise ValueError(f"FARMS needs window >= 1, per_dim >= 1, aspect_ratio >= 1 and a finite min_step >= 0; "
+                             f"got {self}")
+
+    @classmethod
+    def from_flags(cls, flags) -> FarmsSampling:
+        """From a run configuration or parsed command line with the --farms_* flags."""
+        return cls(flags.farms_window, flags.farms_aspect_ratio, flags.farms_windows_per_dim, flags.farms_min_step)
 
 
 def farms_windows(shape: Sequence[int], sampling: FarmsSampling) -> tuple[tuple[int, int], list[int], list[int]]:
@@ -214,28 +224,36 @@ def farms_windows(shape: Sequence[int], sampling: FarmsSampling) -> tuple[tuple[
 
     Positions follow the authors' `fixed_sampling` (LLM_Pruning/lib/sampling.py): along a side of length n with
     window size w, span = n − w, step = max(1, span // (per_dim − 1)), min(per_dim, span // step + 1) windows
-    starting at min(i·step, span). Two deliberate differences, both inert for the default square windows:
+    starting at i·step (never past the span, so their positions are all distinct: no window is repeated). Three
+    deliberate differences, the first two inert for the default square windows:
     * the window is laid with its long side along the matrix's long side, and its short side is capped so that
       the whole window fits (short = min(window, n_short, ⌊n_long / aspect_ratio⌋)); the authors' code takes
       rows × (rows·Q) of the (out, in) weight, capping rows at min(out, in), and silently gets fewer columns
       when in < rows·Q, i.e. a window of another aspect ratio;
-    * per_dim = 1 is one window at offset 0 (the authors' step formula divides by per_dim − 1).
+    * per_dim = 1 is one window at offset 0 (the authors' step formula divides by per_dim − 1);
+    * the step is at least ⌈min_step·w⌉ (default 0.05: neighbours share at most 95% of their rows, or columns),
+      so a side barely longer than the window gets fewer positions, and one (offset 0) when span < ⌈min_step·w⌉.
+      The authors' step of 1 to a few rows gives nearly identical windows, each an eigendecomposition: a 2048²
+      matrix under 2000² windows has 15 positions 3 apart per side, 225 windows sharing ≥ 95% of their entries.
+      min_step = 0 gives their positions. The default changes nothing where the step is ≥ 5% of the window: the
+      paper's LLaMA 60M-350M (steps ≥ 11.8% of the window), 1B's long sides, the authors' 7B/13B runs (≥ 7.4%).
     With the default, a square matrix no larger than 2000 is its own single window, so FARMS equals the full ESD
     there, and a 1376×512 MLP matrix gives 15 overlapping 512×512 windows.
     """
     n_long, n_short = max(shape), min(shape)
     short = min(sampling.window, n_short, int(n_long / sampling.aspect_ratio))
     long = int(short * sampling.aspect_ratio)
-    return (long, short), _window_offsets(n_long, long, sampling.per_dim), _window_offsets(n_short, short,
-                                                                                             sampling.per_dim)
+    offsets = [_window_offsets(n, size, sampling.per_dim, sampling.min_step) for n, size in ((n_long, long),
+                                                                                            (n_short, short))]
+    return (long, short), offsets[0], offsets[1]
 
 
-def _window_offsets(n: int, size: int, per_dim: int) -> list[int]:
+def _window_offsets(n: int, size: int, per_dim: int, min_step: float = 0.0) -> list[int]:
     span = n - size
     if per_dim == 1 or span == 0:
         return [0]
-    step = max(1, span // (per_dim - 1))
-    return [min(i * step, span) for i in range(min(per_dim, span // step + 1))]
+    step = max(1, math.ceil(min_step * size), span // (per_dim - 1))
+    return [i * step for i in range(min(per_dim, span // step + 1))]
 
 
 def farms_submatrices(w: torch.Tensor, sampling: FarmsSampling) -> list[torch.Tensor]:

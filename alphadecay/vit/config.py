@@ -127,6 +127,7 @@ class ViTConfig(FlagConfig):
     farms_window: int = _f(2000, "FARMS: short side of each submatrix, capped to the matrix", group=W)
     farms_aspect_ratio: float = _f(1.0, "FARMS: long side / short side of each submatrix, >= 1", group=W)
     farms_windows_per_dim: int = _f(15, "FARMS: submatrix positions along each dimension", group=W)
+    farms_min_step: float = _f(0.05, "FARMS: neighbouring submatrix positions at least this fraction of the submatrix's side apart; 0 = the authors' positions", group=W)
     xmin_pos: float = _f(2.0, "median fit: xmin is eigenvalue number int(N / xmin_pos) (2 = the median)", group=W)
     filter_zeros: bool = _f(False, "drop eigenvalues <= 1e-5 before fitting", group=W)
     remove_first_layer: bool = _f(True, "leave the first Linear/Conv2d in module order (the patch embedding) at the base decay", group=W)

@@ -100,8 +100,7 @@ class ModulewiseDecay:
                    official_fix_finger=config.official_fix_finger, remove_first=config.remove_first_layer,
                    remove_last=config.remove_last_layer, exclude=config.wd_exclude,
                    apply_mapping=config.alpha_positively_with_WD, estimator=config.esd_estimator,
-                   farms=esd.FarmsSampling(config.farms_window, config.farms_aspect_ratio,
-                                           config.farms_windows_per_dim),
+                   farms=esd.FarmsSampling.from_flags(config),
                    official_adadecay_init=family.name == "llama" and config.official_adadecay_init)
 
     def due(self, step: int) -> bool:
