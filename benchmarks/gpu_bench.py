@@ -5,7 +5,9 @@
     benchmarks/gpu_check.sh --parts throughput,esd --out /tmp/perf
 
 Parts, in order (`--parts` picks some):
-- tests: the GPU-marked tests (`pytest -m gpu`: bf16 training, chunked loss, compiled updates, ESD on CUDA);
+- tests: the GPU-marked tests (`pytest -m gpu`: bf16 training, chunked loss (its bf16 head gradient rounded once,
+  eager and compiled), compiled updates, ESD on CUDA (the blocked Gram product at N >= 512 in fp32 and fp64, a NaN
+  weight));
 - throughput: tokens/s per device, MFU and peak memory of `Trainer.train_step` (AdamW, Uniform decay, random full
   rows) for llama_60m and llama_130m at the paper's micro-batches (512 and 256 rows of 256 tokens), pure bf16,
   {eager, compiled} x {full, chunked loss}: WARMUP untimed updates (they include the compilation, reported as

@@ -47,6 +47,28 @@ def test_esd_on_cuda_matches_cpu(gram_dtype):
     assert out[weights[1][0]]["alpha"] == pytest.approx(cpu[weights[1][0]]["alpha"], rel=1e-4)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_chunked_head_gradient_on_cuda_is_rounded_once(compiled):
+    """The chunked loss accumulates the head-weight gradient through a bf16 matmul with a float32 output (eager,
+    and as inductor lowers it): within one bf16 unit in the last place of the exact gradient, as the unchunked."""
+    import torch.nn.functional as F
+
+    from alphadecay.data import IGNORE_INDEX
+    from alphadecay.loss import chunked_cross_entropy_sum
+    from tests.test_loss import bf16_ulps, zero_head_problem
+
+    h, w, t, exact = zero_head_problem(n=1024, hidden=64, device="cuda")
+    whole, = torch.autograd.grad(F.cross_entropy((h @ w.t()).float(), t, ignore_index=IGNORE_INDEX,
+                                                 reduction="sum"), (w,))
+    loss_fn = chunked_cross_entropy_sum
+    if compiled:
+        torch._dynamo.reset()
+        loss_fn = torch.compile(chunked_cross_entropy_sum, fullgraph=True)
+    got, = torch.autograd.grad(loss_fn(h, w, t, chunk_tokens=48), (w,))
+    assert got.dtype == torch.bfloat16
+    assert bf16_ulps(whole.cpu(), exact) <= 1 and bf16_ulps(got.cpu(), exact) <= 1
+
+
 def test_cuda_adam_kernels_apply_the_decay_the_cpu_ones_do():
     """On CUDA, foreach keeps its scalars in float32 (the CPU one rounds wd to bf16), so the same bounds hold."""
     from tests.test_optimizer_impl import decay_ratios
