@@ -20,7 +20,7 @@ from alphadecay.errors import UserError
 def main(argv: list[str] | None = None) -> int:
     try:
         config, _ = parse_args(argv)
-        info = dist.setup(config.device)
+        info = dist.setup(config.device, timeout_minutes=config.dist_timeout)
         try:
             from alphadecay.run import build_trainer
 

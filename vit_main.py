@@ -21,7 +21,7 @@ from alphadecay.vit.config import parse_vit_args
 def main(argv: list[str] | None = None) -> int:
     try:
         config, _ = parse_vit_args(argv)
-        info = dist.setup(config.device)
+        info = dist.setup(config.device, timeout_minutes=config.dist_timeout)
         try:
             from alphadecay.vit.run import build_vit_trainer
 

@@ -131,6 +131,7 @@ class TrainConfig(FlagConfig):
     loss_chunk_tokens: int = _f(0, "compute lm_head and the cross-entropy over this many tokens at a time, so the fp32 logits of a whole micro-batch never exist (alphadecay/loss.py); 0 = the whole micro-batch at once")
     seed: int = _f(0, "seed of the model initialisation (the same on every rank)")
     device: str = _f("auto", "auto = this rank's GPU when there is one, else CPU", choices=("auto", "cpu", "cuda"))
+    dist_timeout: float = _f(10.0, "minutes a collective may wait for the other processes before the run fails (the process group's timeout): a rank that dies mid-run then ends the others instead of leaving them in a collective; raise it if one rank legitimately works alone longer (torch's own default: 10 for NCCL, 30 for gloo)")
     single_cuda: bool = _f(False, "accepted for compatibility: a one-process run never uses DDP")
 
     # --- weight decay ---------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class TrainConfig(FlagConfig):
     farms_window: int = _f(2000, "FARMS: short side of each submatrix, capped to the matrix (the authors' LLaMA runs: 2000)", group="weight decay")
     farms_aspect_ratio: float = _f(1.0, "FARMS: long side / short side of each submatrix, >= 1 (the authors' LLaMA runs: 1, square)", group="weight decay")
     farms_windows_per_dim: int = _f(15, "FARMS: submatrix positions along each dimension (the authors' LLaMA runs: 15)", group="weight decay")
+    farms_min_step: float = _f(0.05, "FARMS: neighbouring submatrix positions at least this fraction of the submatrix's side apart, i.e. fewer positions where a matrix is barely larger than the submatrix (llama_1b's 2048-wide sides); 0 = the authors' positions, which at 1B are 3 rows apart", group="weight decay")
     xmin_pos: float = _f(2.0, "median fit: xmin is eigenvalue number int(N / xmin_pos) (2 = the median)", group="weight decay")
     filter_zeros: bool = _f(False, "drop eigenvalues <= 1e-5 before fitting", group="weight decay")
     remove_first_layer: bool = _f(True, "leave the first Linear in module order (layer-0 q_proj) at the base decay, as the official code", group="weight decay")
@@ -372,6 +374,7 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--keep_checkpoints must be at least 1 (omit it to keep every checkpoint), got {config.keep_checkpoints}.")
     if not (math.isfinite(config.hub_retry_seconds) and config.hub_retry_seconds >= 0):
         raise UserError(f"--hub_retry_seconds must be a number of seconds >= 0, got {config.hub_retry_seconds}.")
+    check_dist_timeout(config.dist_timeout)
     if config.gradient_accumulation is not None and config.gradient_accumulation <= 0:
         raise UserError(f"--gradient_accumulation must be positive, got {config.gradient_accumulation}.")
     validate_weight_decay(config)
@@ -394,7 +397,7 @@ def validate_weight_decay(config: FlagConfig) -> None:
         raise UserError("--wd_min_ratio and --wd_max_ratio must be >= 0.")
     if config.xmin_pos <= 1:
         raise UserError(f"--xmin_pos must be > 1 (2 = median xmin), got {config.xmin_pos}.")
-    check_farms(config.farms_window, config.farms_aspect_ratio, config.farms_windows_per_dim)
+    check_farms(config.farms_window, config.farms_aspect_ratio, config.farms_windows_per_dim, config.farms_min_step)
     if config.wd_method() == "awd" and config.weight_decay <= 0:
         raise UserError("AWD sets lambda_awd = --awd_multiplier * --weight_decay; give --weight_decay > 0.")
     for pattern in config.wd_exclude:
@@ -404,11 +407,20 @@ def validate_weight_decay(config: FlagConfig) -> None:
             raise UserError(f"--wd_exclude {pattern!r} is not a valid regular expression: {err}.") from None
 
 
-def check_farms(window: int, aspect_ratio: float, windows_per_dim: int) -> None:
+def check_dist_timeout(minutes: float) -> None:
+    """--dist_timeout (TrainConfig, ViTConfig)."""
+    if not 0 < minutes < math.inf:
+        raise UserError(f"--dist_timeout must be a positive number of minutes (default 10), got {minutes}.")
+
+
+def check_farms(window: int, aspect_ratio: float, windows_per_dim: int, min_step: float) -> None:
     """The FARMS sampling flags (training and `python -m alphadecay.esd`)."""
     if window < 1 or windows_per_dim < 1 or not aspect_ratio >= 1:
         raise UserError(f"--farms_window and --farms_windows_per_dim must be >= 1 and --farms_aspect_ratio >= 1 "
                         f"(1 = square submatrices); got {window}, {windows_per_dim}, {aspect_ratio}.")
+    if not 0 <= min_step < math.inf:
+        raise UserError(f"--farms_min_step must be a finite fraction >= 0 (0 = the FARMS authors' window positions, "
+                        f"0.05 = the default); got {min_step}.")
 
 
 def official_adadecay_init_applies(config: TrainConfig) -> bool:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from alphadecay.errors import UserError
+
+
+DEFAULT_TIMEOUT_MINUTES = 10.0  # --dist_timeout
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,12 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def setup(requested_device: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun with more than one process."""
+def setup(requested_device: str = "auto", timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistInfo:
+    """Initialise the process group when launched by torchrun with more than one process.
+
+    timeout_minutes (--dist_timeout) is how long a collective waits for the other ranks: after it, NCCL's watchdog
+    aborts the waiting ranks and gloo raises in them, so a rank that died does not leave the others waiting for a
+    launcher that may never stop them. The same for both backends (torch's defaults: 10 min NCCL, 30 min gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,7 +57,8 @@ def setup(requested_device: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(**process_group_options(device), rank=rank, world_size=world_size)
+        dist.init_process_group(**process_group_options(device), rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

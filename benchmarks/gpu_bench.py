@@ -5,7 +5,9 @@
     benchmarks/gpu_check.sh --parts throughput,esd --out /tmp/perf
 
 Parts, in order (`--parts` picks some):
-- tests: the GPU-marked tests (`pytest -m gpu`: bf16 training, chunked loss, compiled updates, ESD on CUDA);
+- tests: the GPU-marked tests (`pytest -m gpu`: bf16 training, chunked loss (its bf16 head gradient rounded once,
+  eager and compiled), compiled updates, ESD on CUDA (the blocked Gram product at N >= 512 in fp32 and fp64, a NaN
+  weight));
 - throughput: tokens/s per device, MFU and peak memory of `Trainer.train_step` (AdamW, Uniform decay, random full
   rows) for llama_60m and llama_130m at the paper's micro-batches (512 and 256 rows of 256 tokens), pure bf16,
   {eager, compiled} x {full, chunked loss}: WARMUP untimed updates (they include the compilation, reported as
@@ -16,7 +18,10 @@ Parts, in order (`--parts` picks some):
 - esd: one AlphaDecay spectral pass (`esd.module_metrics` on the tuned Linears, median fit) on llama_130m and
   llama_1b against the official computation (`esd.reference_module_metrics`: fp32 `svdvals` of every Linear, one
   at a time, the official loop fits) on the same GPU and the same bf16 weights; fails if a tuned module's alpha
-  differs by more than 1e-4 (relative);
+  differs by more than 1e-4 (relative). Then FARMS (`--esd_estimator farms`) at the same configs' shapes
+  (benchmarks/esd_pass.py --farms: one random matrix per tuned shape, the authors' window positions against the
+  default min_step, windows and seconds per matrix, alpha both ways; fails if they differ by more than 2e-2 or one
+  is not finite; the authors' positions at 1B: 3 x 225 eigendecompositions of 2000²);
 - run: a 200-update AlphaDecay run of llama_60m in bf16 on the shipped sample through `torchrun_main.py` with
   its defaults (so --compile auto compiles); fails unless the loss falls by more than 1 nat, or unless its logged
   MFU (median over log windows) is within 5% of `measure_updates` of the same model and micro-batch (the trainer
@@ -66,7 +71,7 @@ from alphadecay.wd.groups import module_param_groups  # noqa: E402
 from alphadecay.run import wrap_model  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
 import startup_memory  # noqa: E402
-from esd_pass import max_rel_alpha_diff  # noqa: E402
+from esd_pass import FARMS_TOLERANCE, farms_alpha_diff, farms_at_shapes, farms_totals, max_rel_alpha_diff  # noqa: E402
 
 PARTS = ("tests", "throughput", "largest", "esd", "run", "memory")
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_gpu_speed.py")
@@ -291,6 +296,8 @@ def part_largest(plan: Plan, report: Report, peak_flops: float | None) -> None:
 def part_esd(plan: Plan, report: Report) -> None:
     rows = ["| config | official: fp32 svdvals per matrix, serial, all 7L+1 Linears (s) | ours: module_metrics, "
             "7L-1 tuned (s) | speed-up | max relative alpha difference |", "|---|---:|---:|---:|---:|"]
+    farms_rows = ["| config | shape | matrices | windows per matrix, authors → default | s per matrix, authors → "
+                  "default | alpha, authors → default (relative difference) |", "|---|---|---:|---|---|---|"]
     for size in plan.esd_configs:
         model = new_model(size, plan)
         weights = [(n, m.weight.detach()) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -311,11 +318,36 @@ def part_esd(plan: Plan, report: Report) -> None:
         rows.append(f"| {size} | {official_s:.2f} | {ours_s:.2f} | {official_s / ours_s:.1f}x | {diff:.1e} |")
         if not diff <= ALPHA_TOLERANCE:
             report.fail(f"esd {size}: alpha differs from the official computation by {diff:.1e} (> {ALPHA_TOLERANCE})")
+        farms_rows += farms_table(size, farms_at_shapes(size, "random", plan.device, repeats=1), report)
         del model, weights, tuned
         free_memory(plan.device)
     report.add(f"## One AlphaDecay spectral pass vs the official computation\n\nRandom-init weights in {plan.dtype} "
                f"on {plan.device.type}, median fit, one pass each after a warm-up on two matrices.\n\n"
                + "\n".join(rows))
+    report.add(f"## FARMS: window positions and pass time\n\nMedian fit. Per tuned shape, one random N(0, 0.02) "
+               "float32 matrix: windows per matrix and seconds of `module_metrics` on it with the FARMS authors' "
+               f"positions (`--farms_min_step 0`) and the default (0.05); last row per config: the tuned set's totals, "
+               "the pass time estimated as the sum over shapes of matrices x seconds per matrix.\n\n"
+               + "\n".join(farms_rows))
+
+
+def farms_table(size: str, shapes: list[dict], report: Report) -> list[str]:
+    """Markdown rows of one config's FARMS comparison; records a failure where the two samplings' alphas differ by
+    more than FARMS_TOLERANCE or one is not finite."""
+    rows = []
+    for r in shapes:
+        a, d = r["authors"], r["default"]
+        diff = farms_alpha_diff(r)
+        rows.append(f"| {size} | {r['shape'][0]}x{r['shape'][1]} | {r['matrices']} | {a['windows']} → {d['windows']} "
+                    f"| {a['seconds']:.2f} → {d['seconds']:.2f} | {a['alpha']:.4f} → {d['alpha']:.4f} "
+                    f"({diff:.1e}) |")
+        if not diff <= FARMS_TOLERANCE:
+            report.fail(f"farms {size} {r['shape']}: alpha {a['alpha']} (authors' positions) vs {d['alpha']} "
+                        f"(default) differ by {diff:.1e} (> {FARMS_TOLERANCE})")
+    (wa, sa), (wd, sd) = farms_totals(shapes).values()
+    matrices = sum(r["matrices"] for r in shapes)
+    rows.append(f"| {size} | tuned set | {matrices} | {wa:,} → {wd:,} | {sa:.1f} → {sd:.1f} (estimated) | |")
+    return rows
 
 
 def part_run(plan: Plan, report: Report, peak_flops: float | None) -> None:

@@ -2,7 +2,8 @@
 # The one command for a GPU machine. It runs, on GPU 0:
 #   the GPU-marked tests; tokens/s, MFU and peak memory of llama_60m and llama_130m at the paper's micro-batches
 #   (bf16; eager vs compiled; full vs chunked loss; 30 timed updates after warm-up) and of llama_1b at the largest
-#   micro-batch that fits; one AlphaDecay spectral pass on llama_130m and llama_1b against the official computation;
+#   micro-batch that fits; one AlphaDecay spectral pass on llama_130m and llama_1b against the official computation,
+#   and FARMS at their shapes (window counts and times, the authors' positions against the default);
 #   a 200-update AlphaDecay run of llama_60m in bf16 on the shipped sample, whose loss must fall and whose logged MFU
 #   must be within 5% of the synchronised measurement of the same model and micro-batch;
 #   llama_1b's start-up memory (host peak of building it and of resuming it, before vs now; the GPU build must

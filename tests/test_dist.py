@@ -1,5 +1,7 @@
 """alphadecay/dist.py: the process group each device gets (CUDA's NCCL runs in benchmarks/gpu_check.sh)."""
 
+from datetime import timedelta
+
 import torch
 
 from alphadecay import dist
@@ -16,5 +18,5 @@ def test_nccl_is_bound_to_the_ranks_gpu_and_gloo_gets_no_device(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     info = dist.setup("cpu")
-    assert calls == [{"backend": "gloo", "rank": 1, "world_size": 2}]
+    assert calls == [{"backend": "gloo", "rank": 1, "world_size": 2, "timeout": timedelta(minutes=10)}]
     assert (info.rank, info.local_rank, info.world_size, info.device) == (1, 1, 2, torch.device("cpu"))

@@ -51,6 +51,9 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
                                                               ("eager", "chunked 48"), ("eager", "full")]
     assert re.search(r"^\| full \| 8 \| 8 ok \| [\d,]+ \|", report, re.M)
     assert re.search(r"^\| 1m \| [\d.]+ \| [\d.]+ \| [\d.]+x \| \d\.\de-\d\d \|", report, re.M)
+    farms = re.findall(r"^\| 1m \| (\d+)x(\d+) \| (\d+) \| (\d+) → (\d+) \|", report, re.M)  # 2 layers, 64|176
+    assert farms == [("64", "64", "7", "1", "1"), ("176", "64", "4", "15", "15"), ("64", "176", "2", "15", "15")]
+    assert re.search(r"^\| 1m \| tuned set \| 13 \| 97 → 97 \| [\d.]+ → [\d.]+ \(estimated\) \| \|", report, re.M)
     assert "Loss fell by more than 0: yes." in report
     assert re.search(r"^\| build llama_1m, bf16 on meta \| host peak \| .* \| random stream \(meta: no values\) "
                      r"identical: yes \|$", report, re.M)

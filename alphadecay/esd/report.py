@@ -35,7 +35,8 @@ from alphadecay.wd.groups import layer_index, linear_modules, module_kind
 
 # The training flags this report takes too: how alpha is estimated and which modules AlphaDecay tunes.
 ESTIMATOR_FLAGS = ("assign_func", "pl_fitting", "esd_estimator", "farms_window", "farms_aspect_ratio",
-                   "farms_windows_per_dim", "official_fix_finger", "xmin_pos", "filter_zeros", "remove_first_layer",
+                   "farms_windows_per_dim", "farms_min_step", "official_fix_finger", "xmin_pos", "filter_zeros",
+                   "remove_first_layer",
                    "remove_last_layer", "wd_exclude")
 
 
@@ -77,7 +78,7 @@ def report(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
 
 
 def farms(args: argparse.Namespace) -> esd.FarmsSampling:
-    return esd.FarmsSampling(args.farms_window, args.farms_aspect_ratio, args.farms_windows_per_dim)
+    return esd.FarmsSampling.from_flags(args)
 
 
 def shape_summary(rows: list[dict], base_decay: float) -> str:
@@ -165,7 +166,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        check_farms(args.farms_window, args.farms_aspect_ratio, args.farms_windows_per_dim)
+        check_farms(args.farms_window, args.farms_aspect_ratio, args.farms_windows_per_dim, args.farms_min_step)
         if args.plot_modules is not None:
             try:
                 re.compile(args.plot_modules)

@@ -25,7 +25,7 @@ from typing import Optional
 
 from alphadecay.config import (ASSIGN_FUNCS, ESD_ESTIMATORS, ESD_METRICS, NONFINITE, OPTIMIZER_IMPLS, PL_FITTINGS,
                                WD_SCHEDULERS, FlagConfig, _f, apply_method_defaults, parse_flags,
-                               validate_weight_decay)
+                               check_dist_timeout, validate_weight_decay)
 from alphadecay.errors import UserError
 from alphadecay.vit.mixup import MODES
 from alphadecay.vit.model import ARCHS, resolve_model_name
@@ -101,6 +101,7 @@ class ViTConfig(FlagConfig):
     layer_decay: float = _f(1.0, "layer-wise lr decay: only 1.0 (official: ConvNeXt only)", group=T)
     seed: int = _f(0, "seed of the initialisation, the data order and the augmentation (process r's drop path draws from seed + r)", group=T)
     device: str = _f("auto", "auto = this process's GPU when there is one, else CPU", choices=("auto", "cpu", "cuda"), group=T)
+    dist_timeout: float = _f(10.0, "minutes a collective may wait for the other processes before the run fails (the process group's timeout): a rank that dies mid-run then ends the others instead of leaving them in a collective; raise it if one rank legitimately works alone longer (torch's own default: 10 for NCCL, 30 for gloo)", group=T)
     dtype: str = _f("float32", "float32 (the official ViT runs); amp_bf16 = float32 weights with bf16 autocast", choices=("float32", "amp_bf16"), group=T)
     use_amp: bool = _f(False, "mixed precision: the same as --dtype amp_bf16 (the official --use_amp true crashes)", group=T)
     model_ema: bool = _f(False, "keep an exponential moving average of the weights, updated after every optimizer update", group=T)
@@ -128,6 +129,7 @@ class ViTConfig(FlagConfig):
     farms_window: int = _f(2000, "FARMS: short side of each submatrix, capped to the matrix", group=W)
     farms_aspect_ratio: float = _f(1.0, "FARMS: long side / short side of each submatrix, >= 1", group=W)
     farms_windows_per_dim: int = _f(15, "FARMS: submatrix positions along each dimension", group=W)
+    farms_min_step: float = _f(0.05, "FARMS: neighbouring submatrix positions at least this fraction of the submatrix's side apart; 0 = the authors' positions", group=W)
     xmin_pos: float = _f(2.0, "median fit: xmin is eigenvalue number int(N / xmin_pos) (2 = the median)", group=W)
     filter_zeros: bool = _f(False, "drop eigenvalues <= 1e-5 before fitting", group=W)
     remove_first_layer: bool = _f(True, "leave the first Linear/Conv2d in module order (the patch embedding) at the base decay", group=W)
@@ -193,6 +195,7 @@ def validate(config: ViTConfig, given: set[str]) -> None:
     if config.input_size <= 0 or config.input_size % patch:
         raise UserError(f"--input_size {config.input_size}: {config.model} cuts images into {patch}x{patch} patches, "
                         f"so the input size must be a positive multiple of {patch}.")
+    check_dist_timeout(config.dist_timeout)
     for name in ("batch_size", "epochs", "update_freq", "lr", "log_every", "save_ckpt_freq", "save_ckpt_num",
                  "max_skipped_updates",
                  "recount"):
