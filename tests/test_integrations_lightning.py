@@ -20,13 +20,13 @@ from tests.conftest import TINY_CONFIG
 
 class LM(pl.LightningModule):
     """The LLaMA and AdamW over per-module groups. Its own on_before_optimizer_step runs after the callbacks' and
-    before Lightning's gradient clipping: it records the update, the decays the step will use, an AlphaDecay pass
-    on a copy of the weights of that moment and the gradient norm as the callback saw it."""
+    before Lightning's gradient clipping: it records the update, the decays the step will use, the gradient and weight
+    norms as the callback saw them and (`reference`) an AlphaDecay pass on a copy of the weights of that moment."""
 
-    def __init__(self, per_module_groups: bool = True):
+    def __init__(self, per_module_groups: bool = True, reference: bool = False):
         super().__init__()
         self.model = build_model(load_model_config(TINY_CONFIG), seed=0)
-        self.per_module_groups, self.updates = per_module_groups, []
+        self.per_module_groups, self.reference, self.updates = per_module_groups, reference, []
 
     def training_step(self, batch, batch_idx):
         (ids,) = batch
@@ -38,13 +38,15 @@ class LM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)  # one group for all
 
     def on_before_optimizer_step(self, optimizer):
-        twin = copy.deepcopy(self.model)
-        reference = wd.create("alphadecay", twin, torch.optim.AdamW(wd.module_param_groups(twin, 0.1)), every=2)
-        reference.step()
-        self.updates.append({"update": self.trainer.global_step,
-                             "decays": {g["name"]: g["weight_decay"] for g in optimizer.param_groups},
-                             "pass_on_these_weights": reference.last_weight_decays(),
-                             **dict(zip(("grad_norm", "weight_norm"), map(float, global_norms(self))))})
+        record = {"update": self.trainer.global_step,
+                  "decays": {g["name"]: g["weight_decay"] for g in optimizer.param_groups},
+                  **dict(zip(("grad_norm", "weight_norm"), map(float, global_norms(self))))}
+        if self.reference:
+            twin = copy.deepcopy(self.model)
+            scheduler = wd.create("alphadecay", twin, torch.optim.AdamW(wd.module_param_groups(twin, 0.1)), every=2)
+            scheduler.step()
+            record["pass_on_these_weights"] = scheduler.last_weight_decays()
+        self.updates.append(record)
 
 
 def data(rows: int = 12) -> DataLoader:
@@ -52,19 +54,19 @@ def data(rows: int = 12) -> DataLoader:
     return DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2, shuffle=False)
 
 
-def fit(module: LM, callback, *, max_steps: int = 6, ckpt_path=None, save_dir=None, **kwargs) -> pl.Trainer:
+def fit(module: LM, callback=None, *, max_steps: int = 6, ckpt_path=None, save_dir=None, **kwargs) -> pl.Trainer:
     """Lightning on 6 micro-batches per epoch (3 updates); with `save_dir`, a checkpoint every 3 updates: at the end
     of an epoch, where Lightning resumes exactly (mid-epoch it restarts the epoch's data)."""
     saving = [pl.callbacks.ModelCheckpoint(save_dir, every_n_train_steps=3, save_top_k=-1)] if save_dir else []
     trainer = pl.Trainer(max_steps=max_steps, accumulate_grad_batches=2, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=bool(save_dir), enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[callback, *saving], **kwargs)
+                         callbacks=[c for c in (callback, *saving) if c is not None], **kwargs)
     trainer.fit(module, data(), ckpt_path=ckpt_path)
     return trainer
 
 
 def test_passes_once_per_optimizer_update_on_the_weights_of_that_moment_and_resume_from_a_checkpoint(tmp_path):
-    module = LM()
+    module = LM(reference=True)
     callback = WeightDecayCallback("alphadecay", every=2)
     trainer = fit(module, callback, save_dir=tmp_path)
     assert [u["update"] for u in module.updates] == list(range(6))  # 12 micro-batches, accumulation 2
@@ -96,6 +98,28 @@ def test_gradient_norm_methods_see_the_gradients_before_lightnings_clipping():
     assert update["grad_norm"] > 100 * 1e-3
     decays = list(update["decays"].values())  # every group's: lambda_bar = 0.9 lambda_t after one update
     assert decays == pytest.approx([0.9 * lambda_t] * len(decays), rel=1e-6)
+
+
+class PlainLoopLM(LM):
+    """The plain-loop form the README shows for the Hugging Face / torchrun_main.py order: clip, then the decays."""
+
+    def on_fit_start(self):
+        self.wd_scheduler = wd.create("awd", self, self.trainer.optimizers[0])
+
+    def on_before_optimizer_step(self, optimizer):
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 1e-3)
+        if metrics := self.wd_scheduler.step():
+            self.log_dict(metrics)
+        super().on_before_optimizer_step(optimizer)  # records the clipped norm and the decays
+
+
+def test_the_plain_loop_form_in_a_lightning_module_sees_clipped_gradients():
+    module = PlainLoopLM()
+    fit(module, max_steps=1)
+    (update,) = module.updates
+    lambda_t = 100 * 0.1 * update["grad_norm"] / (update["weight_norm"] + 1e-8)
+    decays = list(update["decays"].values())
+    assert update["grad_norm"] == pytest.approx(1e-3, rel=1e-3) and decays == pytest.approx([0.9 * lambda_t] * len(decays))
 
 
 def test_one_group_for_all_with_a_module_wise_method_is_an_error_before_training():
