@@ -103,7 +103,8 @@ def hf_trainer_runs(args, device: torch.device, dtype: torch.dtype, batches: lis
     rows = [{"input_ids": ids, "labels": ids} for batch in batches for ids in batch["input_ids"].cpu()]
 
     def run(with_callback: bool) -> float:
-        model = build_model(load_model_config(f"configs/llama_{args.config}.json"), seed=0).to(device=device, dtype=dtype)
+        model = build_model(load_model_config(f"configs/llama_{args.config}.json"), seed=0)
+        model = model.to(device=device, dtype=dtype)
         optimizer = torch.optim.AdamW(module_param_groups(model, 0.1), lr=1e-3)
         callbacks = [WeightDecayCallback("alphadecay", every=args.every, max_ratio=5.0)] if with_callback else []
         with tempfile.TemporaryDirectory() as out:

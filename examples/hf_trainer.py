@@ -45,7 +45,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save_steps", type=int, default=10)
     p.add_argument("--logging_steps", type=int, default=5)
     p.add_argument("--output_dir", default="runs/hf_example")
-    p.add_argument("--factory", action="store_true", help="let the Trainer build the optimizer (optimizer_cls_and_kwargs)")
+    p.add_argument("--factory", action="store_true",
+                   help="let the Trainer build the optimizer (optimizer_cls_and_kwargs)")
     p.add_argument("--resume", help="a checkpoint-<step> directory of --output_dir to continue from")
     return p.parse_args(argv)
 

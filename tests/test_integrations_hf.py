@@ -30,12 +30,13 @@ def example_args(output_dir, *extra: str):
 
 
 class Probe(TrainerCallback):
-    """At every optimizer update: the update, the micro-batches so far, what alphadecay.wd's AlphaDecay pass gives on
-    a copy of the weights the step is about to update (a fresh scheduler's first step() is a pass on the weights it
-    is given), and the decay of every optimizer group as the step used it (read after the step, so whatever the
-    callbacks' order: the Trainer re-adds callbacks it restores from a checkpoint at the end of its list)."""
+    """At every optimizer update: the update, the micro-batches so far, at the updates in `reference` what
+    alphadecay.wd's AlphaDecay pass gives on a copy of the weights the step is about to update (a fresh scheduler's
+    first step() is a pass on the weights it is given), and the decay of every optimizer group as the step used it
+    (read after the step, whatever the callbacks' order: the Trainer re-adds callbacks it restores from a checkpoint
+    at the end of its list)."""
 
-    def __init__(self, reference: bool = False):
+    def __init__(self, reference: tuple[int, ...] = ()):
         self.reference, self.micro_batches, self.updates = reference, 0, []
 
     def on_substep_end(self, args, state, control, **kwargs):
@@ -44,7 +45,7 @@ class Probe(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.micro_batches += 1
         record = {"update": state.global_step, "micro_batches": self.micro_batches}
-        if self.reference:
+        if state.global_step in self.reference:
             twin = copy.deepcopy(model)
             scheduler = wd.create("alphadecay", twin, torch.optim.AdamW(wd.module_param_groups(twin, 0.1)), every=2)
             scheduler.step()
@@ -60,7 +61,7 @@ def logged(trainer: Trainer, key: str) -> dict[int, float]:
 
 
 def test_passes_run_once_per_optimizer_update_on_the_weights_of_that_moment_and_resume_exactly(tmp_path):
-    probe = Probe(reference=True)
+    probe = Probe(reference=tuple(PASSES))
     straight = hf_trainer.build_trainer(example_args(tmp_path / "run"), callbacks=[probe])
     straight.train()
     assert [u["update"] for u in probe.updates] == list(range(6))

@@ -43,8 +43,9 @@ def test_the_wheel_installs_the_package_and_console_scripts_offline(tmp_path):
     shutil.copy(REPO / "README.md", source)
     shutil.copytree(REPO / "alphadecay", source / "alphadecay", ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    built = subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "dist"),
-                                  str(source)], capture_output=True, text=True, timeout=300)
+    built = subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                                  "-w", str(tmp_path / "dist"), str(source)],
+                           capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("alphadecay-*.whl")
     with zipfile.ZipFile(wheel) as archive:

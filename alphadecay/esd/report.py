@@ -9,7 +9,8 @@ of its matrix (out, in) (a Conv1D's weight transposed: `module_matrix`): shape, 
 sigma_max (the true one, sqrt of the largest eigenvalue of WᵀW), stable rank, and the weight decay AlphaDecay would
 give it for --weight_decay/--wd_min_ratio/--wd_max_ratio and the fit and exclusion flags (blank for modules it leaves
 at the base decay: the same modules as the library's, `tuned_modules`, so a tied head such as GPT-2's lm_head is
-never tuned); then the mean alpha of the attention and the MLP matrices and the spread of the assigned decays. `--json FILE` writes
+never tuned); then the mean alpha of the attention and the MLP matrices and the spread of the assigned decays.
+`--json FILE` writes
 {"modules": [{"name", "shape", "alpha", "D", "sigma_max", "stable_rank", "weight_decay"}, ...]}.
 `--esd_estimator farms` fits alpha on FARMS' fixed-aspect-ratio submatrices (alphadecay/esd/spectral.py). `--plot DIR`
 draws each module's log-log ESD with its fitted power law (`esd_<module>.png`, `esd_farms_<module>.png` for
@@ -37,8 +38,8 @@ from alphadecay.wd.groups import layer_index, module_kind, module_matrix, weight
 
 ATTENTION_KINDS = ("q", "k", "v", "o", "qkv", "proj")  # LLaMA/Mistral/Qwen2; GPT-2, GPT-NeoX and the ViT fuse q, k, v
 MLP_KINDS = ("gate", "up", "down", "fc1", "fc2")
-OFFLINE_MODEL_HINT = ("Without the hub, give a local save_pretrained directory (model.save_pretrained(DIR) where the hub "
-                      "is reachable, or a copy of the model's hub repository), a checkpoint model_<step> or run "
+OFFLINE_MODEL_HINT = ("Without the hub, give a local save_pretrained directory (model.save_pretrained(DIR) where the "
+                      "hub is reachable, or a copy of the model's hub repository), a checkpoint model_<step> or run "
                       "directory of ours, or a LLaMA config JSON (configs/llama_60m.json).")
 
 

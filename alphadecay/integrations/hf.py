@@ -96,8 +96,8 @@ class WeightDecayCallback(TrainerCallback, ExportableState):
             raise WeightDecayError("WeightDecayCallback: on_pre_optimizer_step before on_train_begin; add the "
                                    "callback to the Trainer (callbacks=[...]) before trainer.train().")
         if self.scheduler.update != state.global_step:
-            raise WeightDecayError(f"WeightDecayCallback counted {self.scheduler.update} optimizer updates, the Trainer "
-                                   f"{state.global_step}: one callback instance serves one Trainer at a time.")
+            raise WeightDecayError(f"WeightDecayCallback counted {self.scheduler.update} optimizer updates, the "
+                                   f"Trainer {state.global_step}: one callback instance serves one Trainer at a time.")
         metrics = self.scheduler.step()
         if metrics:
             self._pending.update(metrics)
