@@ -137,6 +137,10 @@ def test_the_trainers_own_optimizer_with_a_module_wise_method_is_an_error_that_s
     awd = tiny_trainer(tmp_path, WeightDecayCallback("awd"))  # one decay for all: any groups do
     awd.train()
     assert awd.state.global_step == 2 and awd.optimizer.param_groups[1]["weight_decay"] == 0.0  # no-decay stays
+    twice = tiny_trainer(tmp_path, WeightDecayCallback("awd"))
+    twice.add_callback(WeightDecayCallback("uniform"))
+    with pytest.raises(WeightDecayError, match="several WeightDecayCallbacks; give it one"):
+        twice.train()
     with pytest.raises(WeightDecayError, match=r"unknown weight-decay method 'alphadecy' \(did you mean 'alphadecay'"):
         WeightDecayCallback("alphadecy")
     with pytest.raises(WeightDecayError, match="'awd' takes no option 'every'"):

@@ -74,8 +74,9 @@ class WeightDecayCallback(TrainerCallback, ExportableState):
         except WeightDecayError as err:
             raise WeightDecayError(f"{err} {TRAINER_HINT}") from None
         self._pending, self._log_now = {}, False
+        saved = _saved_state(state)  # (several WeightDecayCallbacks are an error)
         if state.global_step > 0:  # resumed from a checkpoint: its trainer_state.json holds our state
-            saved = self.scheduler_state if self.scheduler_state is not None else _saved_state(state)
+            saved = self.scheduler_state if self.scheduler_state is not None else saved
             if saved is not None:
                 self.scheduler.load_state_dict(_decode(saved))
             else:
@@ -120,8 +121,8 @@ class WeightDecayCallback(TrainerCallback, ExportableState):
 def _saved_state(state) -> dict | None:
     saved = (state.stateful_callbacks or {}).get(WeightDecayCallback.__name__)
     if isinstance(saved, list):
-        raise WeightDecayError("the checkpoint holds the states of several WeightDecayCallbacks; a Trainer takes one "
-                               "(two would set the decays of the same optimizer).")
+        raise WeightDecayError("the Trainer has several WeightDecayCallbacks; give it one (two would set the decays "
+                               "of the same optimizer).")
     return None if saved is None else saved.get("attributes", {}).get("scheduler_state")
 
 
