@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> Trainer:
     for record in trainer.state.log_history:
         if "loss" in record:
             decays = [v for k, v in record.items() if k.startswith("wd/")]
-            spread = f", {args.method} pass: decays {min(decays):.3g}..{max(decays):.3g}" if decays else ""
+            spread = (f", {args.method} pass: decays {min(decays):.3g}..{max(decays):.3g}, mean multiplier "
+                      f"{record['wd_multiplier_mean']:.3f}" if decays else "")
             print(f"update {record['step']}: loss {record['loss']:.4f}{spread}")
     return trainer
 
