@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         records.append({"update": update, "loss": loss.item(), "lr": lr, **(metrics or {})})
         if metrics and "wd_multiplier_mean" in metrics:
-            decays = scheduler.last_weight_decays()
-            print(f"update {update}: {args.method} pass, decays {min(decays.values()):.3g}..{max(decays.values()):.3g}, "
-                  f"mean multiplier {metrics['wd_multiplier_mean']:.3f}")
+            decays = scheduler.last_weight_decays().values()
+            print(f"update {update}: {args.method} pass, decays {min(decays):.3g}..{max(decays):.3g}, mean multiplier "
+                  f"{metrics['wd_multiplier_mean']:.3f}")
         if update % 10 == 0 or update == args.updates - 1:
             print(f"update {update}: loss {loss.item():.4f}, lr {lr:.2e}")
 
