@@ -64,10 +64,10 @@ def is_hub_name(name: str) -> bool:
     return not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
-def check_hub_reachable(what: str, timeout: float = 5.0) -> None:
-    """Fail within seconds, naming the local alternatives, when the Hugging Face hub cannot be reached."""
+def check_hub_reachable(what: str, timeout: float = 5.0, hint: str = OFFLINE_HINT) -> None:
+    """Fail within seconds, naming the local alternatives (`hint`), when the Hugging Face hub cannot be reached."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise UserError(f"{what} needs the Hugging Face hub, but HF_HUB_OFFLINE is set. {OFFLINE_HINT}")
+        raise UserError(f"{what} needs the Hugging Face hub, but HF_HUB_OFFLINE is set. {hint}")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)), None)
     url = urllib.parse.urlparse(proxy or endpoint)  # behind a proxy, the proxy is what must answer
@@ -76,7 +76,7 @@ def check_hub_reachable(what: str, timeout: float = 5.0) -> None:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as err:
         raise UserError(f"{what} needs the Hugging Face hub, which cannot be reached ({host}:{port}: {err}). "
-                        f"{OFFLINE_HINT}") from None
+                        f"{hint}") from None
 
 
 def shard_pattern(config: str, split: str) -> str:
