@@ -187,6 +187,8 @@ def _ddp_worker(rank, port, out):
     storages = {g.untyped_storage().data_ptr() for g in grads}
     torch.save({"loss": loss, "params": params, "grads": len(grads), "storages": len(storages)},
                os.path.join(out, f"rank{rank}.pt"))
+    del model, grads  # DDP's reducer before its process group: freed later, gloo's teardown can deadlock
+    torch_dist.barrier()
     torch_dist.destroy_process_group()
 
 

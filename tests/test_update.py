@@ -198,6 +198,8 @@ def _nan_on_rank_1(rank, port, out):
     outcomes.append(trainer.train_step([{"input_ids": ids, "labels": ids}]))
     torch.save([(o.applied, o.nonfinite_ranks) for o in outcomes] + [raw.model.layers[0].mlp.up_proj.weight.sum()],
                os.path.join(out, f"rank{rank}.pt"))
+    del trainer  # DDP's reducer before its process group: freed later, gloo's teardown can deadlock
+    torch_dist.barrier()
     torch_dist.destroy_process_group()
 
 

@@ -247,6 +247,8 @@ def _ranks_worker(rank, port, out):
         result[name] = scheduler.last_weight_decays()
         optimizer.zero_grad()
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    del ddp, scheduler, optimizer  # DDP's reducer before its process group: freed later, gloo's teardown can deadlock
+    torch_dist.barrier()
     torch_dist.destroy_process_group()
 
 
