@@ -42,6 +42,7 @@ from torch import nn
 from alphadecay import dist, esd
 from alphadecay.wd.assign import assign
 from alphadecay.wd.groups import layer_index, module_kind, module_matrix, tied_modules, weight_modules
+from alphadecay.wd.norms import tensor_norms
 from alphadecay.wd.registry import WeightDecayError
 from alphadecay.wd.scheduler import TYPE_KEYS, WDUpdate
 
@@ -113,7 +114,7 @@ class ModulewiseDecay:
                 f"metric {self.metric!r} reads the gradients, but no tuned module has one: call the scheduler's "
                 "step() after loss.backward() (and clipping) and before optimizer.step() / zero_grad(), once per "
                 "optimizer update.")
-        norms = iter(torch.stack(torch._foreach_norm(present)).double().cpu().tolist())
+        norms = iter(tensor_norms(present).cpu().tolist())  # DTensor shards too: one all-reduce
         return np.array([next(norms) if g is not None else GRADNORM_AT_INIT for g in grads])
 
     def scores(self, model: nn.Module, initial: bool) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
