@@ -3,7 +3,8 @@
 LLaMA timing: at update 0 and whenever (update + 1) % every == 0 (official torchrun_main.py:421-424), after
 the gradients are reduced and before the optimizer step:
   1. a score per tuned Linear module: a spectral metric of its weight (alpha by default: the Hill exponent of the
-     ESD, `alphadecay.esd`, computed once and shared out across ranks) or its gradient norm (no eigenvalues);
+     ESD, `alphadecay.esd`, computed once and shared out across ranks; on FSDP's row-sharded weights without
+     gathering them everywhere, `alphadecay.esd.sharded`) or its gradient norm (no eigenvalues);
   2. a map from scores to decay multipliers (`alphadecay.assign`; tb_linear_map onto [wd_min_ratio, wd_max_ratio]
      for AlphaDecay: a heavier tail, i.e. a smaller alpha, gets less decay);
   3. the multipliers are broadcast from rank 0, so every replica applies the same decays.
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from alphadecay import dist, esd
+from alphadecay.esd.sharded import module_metrics
 from alphadecay.wd.assign import assign
 from alphadecay.wd.groups import layer_index, module_kind, module_matrix, tied_modules, weight_modules
 from alphadecay.wd.norms import tensor_norms
@@ -122,8 +124,8 @@ class ModulewiseDecay:
         stats: dict[str, dict[str, float]] = {}
         if self.needs_eigs:
             modules = dict(weight_modules(model))
-            stats = esd.module_metrics([(n, module_matrix(modules[n]).detach()) for n in self.modules],
-                                       **self.fit_kwargs)
+            stats = module_metrics([(n, module_matrix(modules[n]).detach()) for n in self.modules],
+                                   **self.fit_kwargs)  # esd.module_metrics, or its sharded route for DTensors
         if self.metric == "gradnorm":
             return self.gradient_norms(model, initial), stats
         if self.metric == "gradnorm_d_weightnorm":
