@@ -4,10 +4,11 @@ One update (`train_step`):
   1. count the target tokens of all micro-batches on all ranks (one all-reduce, which also carries the stop flag
      that SIGTERM/SIGINT raise on any rank, so every rank stops at the same update);
   2. forward/backward each micro-batch with loss = sum of token losses / global target tokens (times the world
-     size, which DDP's gradient averaging divides out), `no_sync` on all but the last micro-batch: the gradient
-     is exactly that of the token-mean loss over the global batch, however it is split into ranks and
-     micro-batches (the official code averages per-micro-batch means instead; identical when GA=1 on one GPU);
-  3. optional gradient clipping;
+     size, which DDP's and FSDP's gradient averaging divides out), DDP's `no_sync` on all but the last
+     micro-batch (FSDP reduce-scatters every micro-batch: alphadecay/parallel.py): the gradient is exactly that
+     of the token-mean loss over the global batch, however it is split into ranks and micro-batches (the
+     official code averages per-micro-batch means instead; identical when GA=1 on one GPU);
+  3. optional gradient clipping (parallel.clip_grad_norm: also on FSDP's sharded gradients);
   4. the weight-decay scheduler (alphadecay.wd: it sets the groups' decays by name), then `optimizer.step()`.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from alphadecay import dist
+from alphadecay import dist, parallel, sharded_checkpoint
 from alphadecay.checkpoint import rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
 from alphadecay.data import IGNORE_INDEX, Prefetcher, RowSpec
@@ -121,14 +122,13 @@ class Trainer:
         scale = self.info.world_size / max(targets, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i, batch in enumerate(micro_batches):
-            sync = i == len(micro_batches) - 1 or not self.info.distributed
-            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
+            with parallel.micro_batch_context(self.model, last=i == len(micro_batches) - 1), self.autocast:
                 micro_loss = self.model(batch["input_ids"].to(device, non_blocking=True),
                                         batch["labels"].to(device, non_blocking=True))
             (micro_loss * scale).backward()
             loss_sum += micro_loss.detach().double()
         if self.config.grad_clipping > 0:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clipping)
+            self.grad_norm = parallel.clip_grad_norm(self.raw_model.parameters(), self.config.grad_clipping)
         wd_metrics = self.wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -173,7 +173,7 @@ class Trainer:
                 if self.state.step % config.eval_every == 0 or done:
                     self.evaluate_and_log()
                 if self.state.step % config.save_every == 0 or done or stop:
-                    self.save()
+                    self.save(final=done)
                 if stop:
                     bar.write(f"stopped by signal after update {self.state.step}; checkpoint saved in {self.run_dir}")
                     break
@@ -226,15 +226,20 @@ class Trainer:
         return result
 
     # -- checkpoints -----------------------------------------------------------------------------------------
-    def save(self) -> None:
-        """Every rank contributes its data position and RNG state; rank 0 writes the checkpoint."""
+    def save(self, final: bool = False) -> None:
+        """Every rank contributes its data position and RNG state; rank 0 writes the checkpoint (under FSDP every
+        rank writes its shards: alphadecay/sharded_checkpoint.py; the `final` one also as save_pretrained)."""
         data_states = dist.all_gather_objects(self.data_state)
         rng_states = dist.all_gather_objects(rng_state())
+        state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "train_time": self.state.train_time,
+                 "wd_scheduler": self.wd_scheduler.state_dict(), "data": data_states, "rng": rng_states,
+                 "world_size": self.info.world_size, "wandb_id": self.logger.wandb_id, "config": self.config.to_dict()}
+        if parallel.is_sharded(self.raw_model):
+            path = sharded_checkpoint.save(self.run_dir, self.state.step, self.raw_model, self.optimizer, state,
+                                           full_model=final)
+        elif self.info.is_main:
+            path = save_checkpoint(self.run_dir, self.state.step, self.raw_model,
+                                   {**state, "optimizer": self.optimizer.state_dict()})
         if self.info.is_main:
-            state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "train_time": self.state.train_time,
-                     "optimizer": self.optimizer.state_dict(), "wd_scheduler": self.wd_scheduler.state_dict(),
-                     "data": data_states, "rng": rng_states, "world_size": self.info.world_size,
-                     "wandb_id": self.logger.wandb_id, "config": self.config.to_dict()}
-            path = save_checkpoint(self.run_dir, self.state.step, self.raw_model, state)
             tqdm.write(f"saved {path}")
         dist.barrier()

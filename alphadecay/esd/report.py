@@ -49,6 +49,11 @@ def load_model(path: str, seed: int = 0) -> torch.nn.Module:
 
         return build_model(load_model_config(path), seed=seed)
     path = find_model_dir(path)  # a run directory: its latest checkpoint
+    from alphadecay import sharded_checkpoint
+
+    if (sharded_checkpoint.is_sharded_checkpoint(path)  # an FSDP run's checkpoint without a save_pretrained copy
+            and not os.path.isfile(os.path.join(path, "model.safetensors"))):
+        return sharded_checkpoint.load_model(path)
     try:
         return LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     except (OSError, ValueError) as err:
