@@ -18,7 +18,12 @@ Parts, in order (`--parts` picks some):
   at a time, the official loop fits) on the same GPU and the same bf16 weights; fails if a tuned module's alpha
   differs by more than 1e-4 (relative);
 - run: a 200-update AlphaDecay run of llama_60m in bf16 on the shipped sample through `torchrun_main.py` with
-  its defaults (so --compile auto compiles); fails unless the loss falls by more than 1 nat.
+  its defaults (so --compile auto compiles); fails unless the loss falls by more than 1 nat;
+- fsdp: `benchmarks/fsdp_check.py` under torchrun, one process per visible GPU: llama_1b in bf16, --parallelism
+  fsdp then ddp, peak memory per rank and tokens/s over 10 updates of 8 rows per rank, against the training state
+  per rank the formula gives (8 bytes per parameter, / N under FSDP); one AlphaDecay pass through the sharded
+  route (time, extra peak memory, alphas against the same weights made whole: fails above 1e-5 relative); a DCP
+  checkpoint's save and load. With one GPU nothing is sharded (N = 1), but every FSDP code path runs on NCCL.
 The report's first line says what ran, on what, how long it took, and whether every check passed. The exit code
 is 1 if a check failed or a part raised, else 0. Out-of-memory in a throughput variant is a result, not a failure.
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import math
 import re
 import subprocess
@@ -59,7 +65,7 @@ from alphadecay.run import wrap_model  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
 from esd_pass import max_rel_alpha_diff  # noqa: E402
 
-PARTS = ("tests", "throughput", "largest", "esd", "run")
+PARTS = ("tests", "throughput", "largest", "esd", "run", "fsdp")
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_gpu_speed.py")
 ALPHA_TOLERANCE = 1e-4
 
@@ -85,6 +91,7 @@ class Plan:
         "total_batch_size": 64, "max_length": 256, "num_training_steps": 200, "warmup_steps": 20, "lr": 1e-3,
         "eval_every": 200, "log_every": 10, "target_eval_tokens": 200_000, "unbalancedWD_every": 50})
     min_loss_drop: float = 1.0
+    fsdp: dict = field(default_factory=lambda: {"config": "1b", "micro": 8, "max_length": 256, "timed": 10})
 
     @classmethod
     def cpu_smoke(cls) -> Plan:
@@ -95,7 +102,7 @@ class Plan:
                              "batch_size": 4, "total_batch_size": 8, "max_length": 64, "num_training_steps": 8,
                              "warmup_steps": 2, "lr": 3e-3, "eval_every": 8, "log_every": 1,
                              "target_eval_tokens": 4000, "unbalancedWD_every": 2, "shuffle_buffer": 64},
-                   min_loss_drop=0.0)
+                   min_loss_drop=0.0, fsdp={"config": "1m", "micro": 2, "max_length": 32, "timed": 2})
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
@@ -336,6 +343,39 @@ def part_run(plan: Plan, report: Report) -> None:
         report.fail(f"run: the loss did not fall by more than {plan.min_loss_drop:g} ({first:.3f} -> {last:.3f})")
 
 
+def part_fsdp(plan: Plan, report: Report) -> None:
+    ranks = torch.cuda.device_count() if plan.device.type == "cuda" else 1
+    with tempfile.TemporaryDirectory(prefix="gpu_check_fsdp-") as tmp:
+        out = Path(tmp) / "fsdp.json"
+        flags = [f"--{k}={v}" for k, v in plan.fsdp.items()] + (["--cpu"] if plan.device.type == "cpu" else [])
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                   str(REPO / "benchmarks" / "fsdp_check.py"), *flags, f"--out={out}"]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0 or not out.exists():
+            report.add(f"## FSDP\n\n`{' '.join(command[1:])}` exited with {done.returncode}:\n\n```\n"
+                       f"{(done.stdout + done.stderr)[-3000:]}\n```")
+            report.fail(f"fsdp: exit code {done.returncode}")
+            return
+        result = json.loads(out.read_text())
+    rows = ["| parallelism | ranks | peak memory per rank (GiB) | training state per rank, formula (GiB) | "
+            "tokens/s (all ranks) |", "|---|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        rows.append(f"| {r['parallelism']} | {r['ranks']} | {fmt(r['peak_bytes'] and r['peak_bytes'] / 2**30, '.2f')} "
+                    f"| {r['state_bytes'] / 2**30:.2f} | {r['tokens_per_s']:,.0f} |")
+    fsdp = result["results"][0]
+    diff = fsdp["esd_max_rel_alpha_diff"]
+    extra = fsdp["esd_extra_peak_bytes"]
+    report.add(f"## FSDP (--parallelism fsdp) vs DDP, llama_{result['config']}\n\n{result['dtype']}, "
+               f"{result['micro']} rows of {result['max_length']} tokens per rank per update, AdamW, "
+               f"{plan.fsdp['timed']} timed updates after 2 warm-up.\n\n" + "\n".join(rows) +
+               f"\n\nOne AlphaDecay pass through the sharded route ({fsdp['esd_modules']} tuned Linears): "
+               f"{fsdp['esd_seconds']:.2f} s, extra peak memory {fmt(extra and extra / 2**20, ',.0f')} MiB per rank, "
+               f"max relative alpha difference from the whole weights {diff:.1e}. DCP checkpoint: save "
+               f"{fsdp['dcp_save_seconds']:.2f} s, load {fsdp['dcp_load_seconds']:.2f} s.")
+    if not diff <= 1e-5:
+        report.fail(f"fsdp: the sharded pass's alphas differ from the whole weights' by {diff:.1e} (> 1e-5)")
+
+
 # -- main ------------------------------------------------------------------------------------------------------------
 def device_label(plan: Plan) -> str:
     return torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
@@ -393,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                 part_esd(plan, report)
             elif part == "run":
                 part_run(plan, report)
+            elif part == "fsdp":
+                part_fsdp(plan, report)
         except Exception as err:  # noqa: BLE001 - one broken part must not hide the others' results
             report.add(f"## {part}\n\nraised {type(err).__name__}: {err}")
             report.fail(f"{part}: {type(err).__name__}: {err}")
