@@ -40,7 +40,7 @@ from alphadecay.errors import UserError
 from alphadecay.esd.report import load_model
 from alphadecay.loss import row_loss_sums
 from alphadecay.model import cast_model
-from alphadecay.parallel import is_sharded
+from alphadecay.parallel import is_sharded, reshard
 
 
 def official_estimate(row_sums: torch.Tensor, row_counts: torch.Tensor, rows_per_batch: int) -> float:
@@ -81,6 +81,8 @@ def evaluate_rows(model: torch.nn.Module, rows: torch.Tensor, spec: data.RowSpec
                 per_row[:, chunk.to(device)] = torch.stack([sums, counts.double()])
     finally:
         model.train(was_training)
+        if is_sharded(model):
+            reshard(model)
     row_sums, row_counts = dist.all_reduce_sum(per_row)  # each row is non-zero on its one rank only: exact
     targets = float(row_counts.sum())
     eval_loss = float(row_sums.sum()) / max(targets, 1.0)

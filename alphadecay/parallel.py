@@ -103,6 +103,16 @@ def apply_fsdp(raw_model: nn.Module, mesh, *, chunk_tokens: int, reduce_dtype: t
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP unit's gathered weights (after an evaluation: the norm + lm_head unit stays gathered after a
+    forward pass, and until it is resharded its modules' `.weight` is the whole tensor, not the DTensor shard)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def micro_batch_context(model: nn.Module, *, last: bool) -> contextlib.AbstractContextManager:
     """What a micro-batch's forward/backward runs under: DDP's `no_sync` on all but the last micro-batch of an
     update (gradients accumulate locally, one all-reduce per update); nothing otherwise (one process, or FSDP,
