@@ -23,8 +23,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
 METHODS = ("uniform", "awd", "adadecay", "alphadecay")
 # each method as the paper runs it, with a module-wise pass at updates 0, 2 and 5 (so a resume after update 3
 # uses the decays of the pass at update 2, restored from the checkpoint's optimizer groups); clipping on, so that
-# the sharded clip is exercised; the uniform runs compute the loss in chunks (the head's gradient by hand)
-METHOD_FLAGS = {"uniform": {"loss_chunk_tokens": 48}, "awd": {}, "adadecay": {"unbalancedWD_every": 3},
+# the sharded clip is exercised; the uniform runs compute the loss in chunks (the head's gradient by hand); AWD
+# and AdaDecay on torch's foreach and fused AdamW kernels (the others: the for-loop, CPU's default)
+METHOD_FLAGS = {"uniform": {"loss_chunk_tokens": 48}, "awd": {"optimizer_impl": "foreach"},
+                "adadecay": {"unbalancedWD_every": 3, "optimizer_impl": "fused"},
                 "alphadecay": {"unbalancedWD_every": 3}}
 
 
