@@ -25,11 +25,14 @@ Grams differ from one product only by rounding: alphas equal one process's to ab
 the whole matrices, uneven shards included).
 
 Extra peak memory per rank, beyond the training state, for one pass (no rank ever holds more than one round's
-module): for a Gram-route module, its shard cast to float32 (4·out_r·in bytes) and the in × in Gram (4·in²; 8·in²
-in float64), plus on the owner the received sum and eigvalsh's workspace (~ another in²); for a gather-route
-module, on the owner only, the gathered W (N·⌈out/N⌉·in in the weight's dtype), its float32 cast (4·out·in) and
-the out × out Gram. LLaMA-7B (hidden 4096, ffn 11008, bf16): Gram route 64 MiB + 64 MiB + the shard's cast
-(≤ 172 MiB at 2 ranks); gather route (down_proj) 86 + 172 + 64 MiB; so at most about 0.35 GiB on any rank.
+module): Gram route, on every rank its shard's float32 copy (4·⌈out/N⌉·in bytes) and the in × in Gram (4·in²;
+8·in² when redone in float64), which the reduce sums in place on the owner, plus eigvalsh's copy of it there;
+gather route, on the owner only, the gathered shards and their concatenation (2 × 2·out·in in bf16, briefly), the
+float32 copy `spectral.eigenvalues` makes (4·out·in), the out × out Gram and eigvalsh's copy (2 × 4·out²).
+LLaMA-7B (hidden 4096, ffn 11008, bf16, 2 ranks): Gram route (gate_proj) 86 + 64 MiB while multiplying (the
+shard's copy is freed before the reduce), 2 × 64 MiB on the owner during eigvalsh: 0.15 GiB; gather route
+(down_proj) on its owner 86 MiB of gathered W, its 172 MiB float32 copy and the 64 MiB Gram while multiplying:
+0.31 GiB. At most about 0.3 GiB on any rank, against 6.7 GiB of training state per rank at 8 ranks.
 """
 
 from __future__ import annotations
