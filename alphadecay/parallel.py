@@ -122,14 +122,15 @@ def micro_batch_context(model: nn.Module, *, last: bool) -> contextlib.AbstractC
     return model.no_sync()
 
 
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, foreach: bool | None = None) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ that also works on DTensor gradients: the total norm of sharded gradients is
     a partial (per-shard) value until `full_tensor()` reduces it, and clipping each rank's shards by its local
     norm would clip the ranks differently. Returns the total norm before clipping (a plain 0-dim tensor, the same
-    on every rank); on plain tensors exactly clip_grad_norm_ (the same two calls)."""
+    on every rank); clips only when max_norm > 0. On plain tensors exactly clip_grad_norm_ (the same two calls)."""
     parameters = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in parameters], 2.0, False, None)
+    total = torch.nn.utils.get_total_norm([p.grad for p in parameters], 2.0, False, foreach)
     if is_dtensor(total):
         total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, None)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach)
     return total
