@@ -10,6 +10,11 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 
+# The test suite also runs the integrations' frameworks (accelerate for the Hugging Face Trainer, pytorch-lightning).
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(VENV)/bin/pip install --quiet -r requirements-test.txt -c requirements.txt  # never moves a pin of requirements.txt
+	touch $@
+
 # The main job on the shipped default: a 2.9M-parameter LLaMA on the shipped C4-layout sample, CPU, a few minutes.
 # --official_eval_rows 16: the official estimator as the official code would compute it for this run's global batch
 # of 16 (the default 512 is the paper's scripts'; over the sample's 281 validation rows it would be one batch, halved).
@@ -31,7 +36,7 @@ vit-demo: $(VENV)/.installed
 		--num_workers 0 --save_ckpt_num 1 --log_every 10 --wandb_name vit-demo --output_dir runs/vit-demo \
 		--wandb_mode offline
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
 clean-runs:

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=2 torchrun_main.py --model_config configs/llama_130m.json ...   # DDP (NCCL or gloo)
 
 `python torchrun_main.py --help` lists every flag. User errors (flags, files, sizes) are reported in one
-paragraph with exit code 2 before any compute; see README.md.
+paragraph with exit code 2 before any compute; a run stopped by its environment (a save that cannot be written:
+exit code 1; a hub down past --hub_retry_seconds: 75) in one paragraph saying what was kept; see README.md.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from alphadecay.errors import UserError
 def main(argv: list[str] | None = None) -> int:
     try:
         config, _ = parse_args(argv)
-        info = dist.setup(config.device)
+        info = dist.setup(config.device, timeout_minutes=config.dist_timeout)
         try:
             from alphadecay.run import build_trainer
 
@@ -30,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.logger.close()
         finally:
             dist.teardown()
-    except UserError as err:
+    except UserError as err:  # and its RunFault subclasses: one paragraph, no traceback
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     return 0
 
 

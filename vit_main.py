@@ -5,7 +5,8 @@
 
 The official ViT command lines run with `main.py` replaced by `vit_main.py` (and their --data_path).
 `python vit_main.py --help` lists every flag. User errors (flags, files, sizes) are reported in one paragraph
-with exit code 2 before any compute; see README.md ("ViT on ImageNet").
+with exit code 2 before any compute, and a save that cannot be written (a full disk) with exit code 1; see
+README.md ("ViT on ImageNet").
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from alphadecay.vit.config import parse_vit_args
 def main(argv: list[str] | None = None) -> int:
     try:
         config, _ = parse_vit_args(argv)
-        info = dist.setup(config.device)
+        info = dist.setup(config.device, timeout_minutes=config.dist_timeout)
         try:
             from alphadecay.vit.run import build_vit_trainer
 
@@ -31,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.logger.close()
         finally:
             dist.teardown()
-    except UserError as err:
+    except UserError as err:  # and its RunFault subclasses: one paragraph, no traceback
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     return 0
 
 

@@ -35,6 +35,7 @@ SCALING_HEADS = ("matrix", "vector")
 OPTIMIZER_IMPLS = ("official", "foreach", "fused", "forloop")  # alphadecay/optim.py
 PARALLELISMS = ("ddp", "fsdp")  # alphadecay/parallel.py
 REDUCE_DTYPES = ("param", "float32")
+NONFINITE = ("stop", "skip")  # alphadecay/update.py
 # What a run records besides its flags because it changes the numbers (config.json "provenance", the metrics'
 # provenance events, wandb's config); scripts/make_tables.py refuses to average runs that differ in one of these.
 PROVENANCE_KEYS = ("world_size", "micro_batch", "gradient_accumulation", "dtype_resolved", "optimizer_impl_resolved",
@@ -106,6 +107,7 @@ class TrainConfig(FlagConfig):
     shuffle_buffer: int = _f(1000, "documents in the streaming shuffle buffer (datasets' default, as the official run)", group="model and data")
     workers: int = _f(8, "accepted for compatibility; data is read and tokenised in one background thread per rank", group="model and data")
     use_hf_model: bool = _f(False, "accepted for compatibility: the model is always transformers' LlamaForCausalLM", group="model and data")
+    hub_retry_seconds: float = _f(600.0, "streamed data from the hub: after huggingface_hub's own retries fail, keep re-opening the shard where it broke (backoff 1 s doubling to 60 s, logged) for this many seconds without a document, then save a checkpoint and stop with exit code 75; 0 = stop at the first failure", group="model and data")
 
     # --- optimisation ---------------------------------------------------------------------------------
     optimizer: str = _f("adam", "adam = torch Adam (coupled L2 decay, the paper's Adam table); adamw = decoupled decay", choices=("adam", "adamw"))
@@ -123,6 +125,8 @@ class TrainConfig(FlagConfig):
     scheduler: str = _f("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr (cosine and linear)")
     grad_clipping: float = _f(0.0, "clip the global gradient norm to this value; 0 disables (the paper never clips)")
+    nonfinite: str = _f("stop", "what a non-finite loss or gradient norm does: stop = end the run at that update, saving nothing from it (exit code 3); skip = drop the update on every rank (no optimizer or weight-decay step) and go on, stopping after --max_skipped_updates in a row", choices=NONFINITE)
+    max_skipped_updates: int = _f(10, "--nonfinite skip: stop after this many dropped updates in a row")
     dtype: str = _f("auto", "bfloat16 = pure bf16 weights and optimizer states (the paper); float32; amp_bf16 = float32 master weights with bf16 autocast; auto = bfloat16 on a GPU of compute capability >= 8.0 (Ampere or newer), else float32", choices=("auto", "bfloat16", "float32", "amp_bf16"))
     activation_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     compile: str = _f("auto", "torch.compile the model with its loss (alphadecay/loss.py): auto = on CUDA, off on CPU; checkpoints, evaluation and the spectral passes use the uncompiled model", choices=("auto", "true", "false"))
@@ -131,6 +135,7 @@ class TrainConfig(FlagConfig):
     device: str = _f("auto", "auto = this rank's GPU when there is one, else CPU", choices=("auto", "cpu", "cuda"))
     parallelism: str = _f("ddp", "how the processes share the model: ddp = a whole replica on each (weights, gradients and Adam states: 8 bytes per parameter in pure bf16 on every GPU); fsdp = FSDP2 (torch's fully_shard), each decoder layer, the embedding, the final norm with lm_head and the root sharded over the processes, 1/N of those bytes per GPU (alphadecay/parallel.py)", choices=PARALLELISMS)
     reduce_dtype: str = _f("param", "--parallelism fsdp: the dtype gradients are reduce-scattered in: param = the parameters' (bf16 in pure bf16, as DDP's all-reduce); float32 = summed over the ranks in float32, rounded once to the parameter dtype", choices=REDUCE_DTYPES)
+    dist_timeout: float = _f(10.0, "minutes a collective may wait for the other processes before the run fails (the process group's timeout): a rank that dies mid-run then ends the others instead of leaving them in a collective; raise it if one rank legitimately works alone longer (torch's own default: 10 for NCCL, 30 for gloo)")
     single_cuda: bool = _f(False, "accepted for compatibility: a one-process run never uses DDP")
 
     # --- weight decay ---------------------------------------------------------------------------------
@@ -152,6 +157,7 @@ class TrainConfig(FlagConfig):
     farms_window: int = _f(2000, "FARMS: short side of each submatrix, capped to the matrix (the authors' LLaMA runs: 2000)", group="weight decay")
     farms_aspect_ratio: float = _f(1.0, "FARMS: long side / short side of each submatrix, >= 1 (the authors' LLaMA runs: 1, square)", group="weight decay")
     farms_windows_per_dim: int = _f(15, "FARMS: submatrix positions along each dimension (the authors' LLaMA runs: 15)", group="weight decay")
+    farms_min_step: float = _f(0.05, "FARMS: neighbouring submatrix positions at least this fraction of the submatrix's side apart, i.e. fewer positions where a matrix is barely larger than the submatrix (llama_1b's 2048-wide sides); 0 = the authors' positions, which at 1B are 3 rows apart", group="weight decay")
     xmin_pos: float = _f(2.0, "median fit: xmin is eigenvalue number int(N / xmin_pos) (2 = the median)", group="weight decay")
     filter_zeros: bool = _f(False, "drop eigenvalues <= 1e-5 before fitting", group="weight decay")
     remove_first_layer: bool = _f(True, "leave the first Linear in module order (layer-0 q_proj) at the base decay, as the official code", group="weight decay")
@@ -175,8 +181,9 @@ class TrainConfig(FlagConfig):
     log_every: int = _f(1, "log training metrics every this many updates", group="evaluation, logging, checkpoints")
     peak_tflops: Optional[float] = _f(None, "the device's peak dense bf16 TFLOP/s for the logged mfu (CUDA only); default: looked up from the GPU's name (A100, H100, H200), mfu omitted for other GPUs", group="evaluation, logging, checkpoints")
     save_every: int = _f(10000, "checkpoint every this many updates (and at the end)", group="evaluation, logging, checkpoints")
+    keep_checkpoints: Optional[int] = _f(None, "keep the newest N checkpoints: older ones are deleted once a newer one is complete; default all", group="evaluation, logging, checkpoints")
     save_dir: Optional[str] = _f(None, "run directory (checkpoints, metrics.jsonl, wandb); default checkpoints/<config>-<time>-<wandb_name>", group="evaluation, logging, checkpoints")
-    continue_from: Optional[str] = _f(None, "resume from a checkpoint directory (model_<step>) or a run directory (its latest checkpoint)", group="evaluation, logging, checkpoints")
+    continue_from: Optional[str] = _f(None, "resume from a checkpoint directory (model_<step>), which must verify against its manifest, or a run directory (its newest checkpoint that verifies; newer damaged ones are named and skipped)", group="evaluation, logging, checkpoints")
     wandb_name: str = _f("code_test", "wandb run name", group="evaluation, logging, checkpoints")
     wandb_project: str = _f("AlphaDecay", "wandb project", group="evaluation, logging, checkpoints")
     wandb_mode: Optional[str] = _f(None, "wandb mode; default: $WANDB_MODE if set, else offline", choices=("online", "offline", "disabled"), group="evaluation, logging, checkpoints")
@@ -350,6 +357,7 @@ def apply_method_defaults(config: FlagConfig, given: set[str]) -> None:
 def validate(config: TrainConfig) -> None:
     """Checks that need no files, processes or devices (those come later, still before any compute)."""
     positive = ("lr", "batch_size", "total_batch_size", "max_length", "eval_every", "save_every", "log_every",
+                "max_skipped_updates",
                 "unbalancedWD_every", "shuffle_buffer", "target_eval_tokens", "official_eval_rows")
     for name in positive:
         if getattr(config, name) <= 0:
@@ -366,6 +374,11 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--loss_chunk_tokens must be >= 0 (0 = the whole micro-batch at once), got {config.loss_chunk_tokens}.")
     if config.peak_tflops is not None and not (math.isfinite(config.peak_tflops) and config.peak_tflops > 0):
         raise UserError(f"--peak_tflops must be a positive number of TFLOP/s (e.g. 989 for an H100), got {config.peak_tflops}.")
+    if config.keep_checkpoints is not None and config.keep_checkpoints <= 0:
+        raise UserError(f"--keep_checkpoints must be at least 1 (omit it to keep every checkpoint), got {config.keep_checkpoints}.")
+    if not (math.isfinite(config.hub_retry_seconds) and config.hub_retry_seconds >= 0):
+        raise UserError(f"--hub_retry_seconds must be a number of seconds >= 0, got {config.hub_retry_seconds}.")
+    check_dist_timeout(config.dist_timeout)
     if config.gradient_accumulation is not None and config.gradient_accumulation <= 0:
         raise UserError(f"--gradient_accumulation must be positive, got {config.gradient_accumulation}.")
     validate_weight_decay(config)
@@ -389,7 +402,7 @@ def validate_weight_decay(config: FlagConfig) -> None:
         raise UserError("--wd_min_ratio and --wd_max_ratio must be >= 0.")
     if config.xmin_pos <= 1:
         raise UserError(f"--xmin_pos must be > 1 (2 = median xmin), got {config.xmin_pos}.")
-    check_farms(config.farms_window, config.farms_aspect_ratio, config.farms_windows_per_dim)
+    check_farms(config.farms_window, config.farms_aspect_ratio, config.farms_windows_per_dim, config.farms_min_step)
     if config.wd_method() == "awd" and config.weight_decay <= 0:
         raise UserError("AWD sets lambda_awd = --awd_multiplier * --weight_decay; give --weight_decay > 0.")
     for pattern in config.wd_exclude:
@@ -399,11 +412,20 @@ def validate_weight_decay(config: FlagConfig) -> None:
             raise UserError(f"--wd_exclude {pattern!r} is not a valid regular expression: {err}.") from None
 
 
-def check_farms(window: int, aspect_ratio: float, windows_per_dim: int) -> None:
+def check_dist_timeout(minutes: float) -> None:
+    """--dist_timeout (TrainConfig, ViTConfig)."""
+    if not 0 < minutes < math.inf:
+        raise UserError(f"--dist_timeout must be a positive number of minutes (default 10), got {minutes}.")
+
+
+def check_farms(window: int, aspect_ratio: float, windows_per_dim: int, min_step: float) -> None:
     """The FARMS sampling flags (training and `python -m alphadecay.esd`)."""
     if window < 1 or windows_per_dim < 1 or not aspect_ratio >= 1:
         raise UserError(f"--farms_window and --farms_windows_per_dim must be >= 1 and --farms_aspect_ratio >= 1 "
                         f"(1 = square submatrices); got {window}, {windows_per_dim}, {aspect_ratio}.")
+    if not 0 <= min_step < math.inf:
+        raise UserError(f"--farms_min_step must be a finite fraction >= 0 (0 = the FARMS authors' window positions, "
+                        f"0.05 = the default); got {min_step}.")
 
 
 def official_adadecay_init_applies(config: TrainConfig) -> bool:

@@ -14,6 +14,13 @@ state, the epoch and, when packing, the tokens carried into the next row. It is 
 default buffer) and saved with every checkpoint, so a resumed run sees exactly the batches it would have seen.
 (datasets' own `shuffle()` cannot do this: its state drops the buffer contents.)
 
+A flaky hub. huggingface_hub retries each HTTP request itself (5 times, 1 to 8 s apart, or as Retry-After says);
+when it gives up, the error reaches the stream. For remote shards the stream then waits (1 s, doubling to 60 s,
+logged), re-opens the dataset at its state after the last document it yielded (the shard and the row within it:
+datasets re-reads that shard and skips the rows already yielded) and goes on, so the documents are exactly those
+of a run without the fault. After `retry_seconds` without a document it raises `HubUnavailable`, on which the
+trainer saves a checkpoint and stops (exit code 75).
+
 Rows. Paper mode: one document per row, tokenised, eos-terminated, truncated to `--max_length` and right-padded
 with the pad id; labels are -100 at pads. `--packing`: documents concatenated, each followed by eos, cut into
 full rows; every token is a label.
@@ -27,7 +34,9 @@ import queue
 import random
 import re
 import socket
+import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -35,8 +44,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 
-from alphadecay.errors import UserError
+from alphadecay.errors import HubUnavailable, UserError
 
 IGNORE_INDEX = -100
 SHIPPED_DATASET = "data/c4_sample"
@@ -54,10 +64,10 @@ def is_hub_name(name: str) -> bool:
     return not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
-def check_hub_reachable(what: str, timeout: float = 5.0) -> None:
-    """Fail within seconds, naming the local alternatives, when the Hugging Face hub cannot be reached."""
+def check_hub_reachable(what: str, timeout: float = 5.0, hint: str = OFFLINE_HINT) -> None:
+    """Fail within seconds, naming the local alternatives (`hint`), when the Hugging Face hub cannot be reached."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise UserError(f"{what} needs the Hugging Face hub, but HF_HUB_OFFLINE is set. {OFFLINE_HINT}")
+        raise UserError(f"{what} needs the Hugging Face hub, but HF_HUB_OFFLINE is set. {hint}")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)), None)
     url = urllib.parse.urlparse(proxy or endpoint)  # behind a proxy, the proxy is what must answer
@@ -66,7 +76,7 @@ def check_hub_reachable(what: str, timeout: float = 5.0) -> None:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as err:
         raise UserError(f"{what} needs the Hugging Face hub, which cannot be reached ({host}:{port}: {err}). "
-                        f"{OFFLINE_HINT}") from None
+                        f"{hint}") from None
 
 
 def shard_pattern(config: str, split: str) -> str:
@@ -191,13 +201,63 @@ def labels_for(input_ids: torch.Tensor, spec: RowSpec) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------
 # Documents: a resumable, shuffled, per-rank stream
 # ------------------------------------------------------------------------------------------------------------
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def is_transient(err: BaseException) -> bool:
+    """Could reading a remote shard again succeed? Connection and timeout errors, HTTP 408/429/5xx answers, and
+    FileNotFoundError (datasets reports a hub that answered 5xx while it resolved a file as a missing file; the
+    shards were listed at the start, so they exist): yes. Other HTTP answers (401, 403, 404), a refused permission
+    or any other error (a bug, bad data): no."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status >= 500 or status in (408, 429)
+    if isinstance(err, (PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, (OSError, TimeoutError)):  # ConnectionError ("Server Disconnected" from datasets) included
+        return True
+    return type(err).__module__.split(".")[0] in ("httpx", "httpx2", "aiohttp", "requests", "urllib3", "fsspec")
+
+
+class Backoff:
+    """Waits between attempts to read a remote source: 1 s, doubling to `max_wait`; gives up (HubUnavailable) once
+    `limit` seconds have passed since the last success. Each wait is logged to stderr."""
+
+    def __init__(self, limit: float, what: str, max_wait: float = 60.0):
+        self.limit, self.what, self.max_wait = limit, what, max_wait
+        self.since: float | None = None
+        self.attempts = 0
+
+    def succeeded(self) -> None:
+        self.since, self.attempts = None, 0
+
+    def wait(self, err: BaseException) -> None:
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        self.attempts += 1
+        failed_for = now - self.since
+        cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if failed_for >= self.limit:
+            raise HubUnavailable(
+                f"{self.what} could not be read for {failed_for:.0f} s ({self.attempts} attempt(s), each after "
+                f"huggingface_hub's own retries; last error {cause}); --hub_retry_seconds is {self.limit:g}.")
+        delay = min(self.max_wait, 2.0 ** (self.attempts - 1), max(0.0, self.limit - failed_for))
+        print(f"warning: {self.what}: reading failed ({cause}); retry {self.attempts} in {delay:.0f} s, giving up "
+              f"after {self.limit:g} s without data", file=sys.stderr, flush=True)
+        time.sleep(delay)
+
+
 class DocumentStream:
-    """Texts of one split for one rank, shuffled, endless (epochs) or one pass; exactly resumable."""
+    """Texts of one split for one rank, shuffled, endless (epochs) or one pass; exactly resumable. Remote shards
+    are re-opened where they broke after a read error, for up to `retry_seconds` (module docstring)."""
 
     def __init__(self, files: list[str], *, rank: int, world_size: int, seed: int, buffer_size: int,
-                 shuffle: bool = True, repeat: bool = True):
+                 shuffle: bool = True, repeat: bool = True, retry_seconds: float = 600.0):
         self.files, self.rank, self.world_size = files, rank, world_size
         self.seed, self.buffer_size, self.shuffle, self.repeat = seed, buffer_size, shuffle, repeat
+        self.remote = any(is_remote(f) for f in files)
+        self.retry_seconds = retry_seconds
         self._epoch = 0
         self._hf_state: dict | None = None
         self._buffer: list[str] = []
@@ -216,13 +276,32 @@ class DocumentStream:
         ds = ds.select_columns(["text"])
         return split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
 
+    def _texts(self) -> Iterator[str]:
+        """This epoch's texts from the HF iterator, from `_hf_state` on; a remote source that fails is re-opened at
+        the state after the last text yielded, with backoff."""
+        where = f"rank {self.rank}: the training data" if self.world_size > 1 else "the data"
+        backoff = Backoff(self.retry_seconds, f"{where} ({os.path.dirname(self.files[0])})")
+        while True:
+            try:
+                self._dataset = self._open()
+                if self._hf_state is not None:
+                    self._dataset.load_state_dict(self._hf_state)
+                for example in self._dataset:
+                    if backoff.attempts:
+                        backoff.succeeded()
+                    yield example["text"]
+                return
+            except Exception as err:
+                if not (self.remote and is_transient(err)):
+                    raise
+                if self._dataset is not None:  # the position after the last text yielded
+                    self._hf_state = self._dataset.state_dict()
+                self._dataset = None
+                backoff.wait(err)
+
     def __iter__(self) -> Iterator[str]:
         while True:
-            self._dataset = self._open()
-            if self._hf_state is not None:
-                self._dataset.load_state_dict(self._hf_state)
-            for example in self._dataset:
-                text = example["text"]
+            for text in self._texts():
                 if not self.shuffle:
                     yield text
                 elif len(self._buffer) < self.buffer_size:
@@ -275,6 +354,11 @@ class TokenBatches:
                 input_ids = pad_rows(encode_documents(self.tokenizer, texts, self.spec), self.spec)
             yield {"input_ids": input_ids, "labels": labels_for(input_ids, self.spec)}, self.state_dict()
 
+    @property
+    def remote(self) -> bool:
+        """Read from the hub, so that reading can fail for a while (HubUnavailable) on one rank and not another."""
+        return getattr(self.documents, "remote", False)
+
     def state_dict(self) -> dict[str, Any]:
         return {"documents": self.documents.state_dict(), "carry": list(self._carry)}
 
@@ -284,11 +368,19 @@ class TokenBatches:
 
 
 class Prefetcher:
-    """Runs a batch iterator in a background thread, `depth` batches ahead of the trainer."""
+    """Runs a batch iterator in a background thread, `depth` batches ahead of the trainer.
+
+    For a CUDA `device` the thread also copies each item's tensors into pinned (page-locked) host memory, so the
+    trainer's `.to(device, non_blocking=True)` is an asynchronous copy that overlaps the GPU's work rather than a
+    synchronous one through a staging buffer. The thread first makes `device` its current GPU, as DataLoader's
+    pinning thread does: a new thread starts on GPU 0, where pinning would open a context for every rank. Other
+    devices get the items as the source yields them."""
 
     _END = object()
 
-    def __init__(self, source, depth: int = 4):
+    def __init__(self, source, depth: int = 4, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else None
+        self.pin_memory = self.device is not None and self.device.type == "cuda"
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
@@ -296,7 +388,11 @@ class Prefetcher:
 
     def _run(self, source) -> None:
         try:
+            if self.pin_memory and self.device.index is not None:
+                torch.cuda.set_device(self.device)
             for item in source:
+                if self.pin_memory:
+                    item = pytree.tree_map_only(torch.Tensor, lambda t: t.pin_memory(), item)
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -339,7 +435,7 @@ class Prefetcher:
 # Evaluation set
 # ------------------------------------------------------------------------------------------------------------
 def build_eval_rows(files: list[str], tokenizer, spec: RowSpec, *, target_tokens: int,
-                    docs_per_chunk: int = 256) -> tuple[torch.Tensor, bool]:
+                    docs_per_chunk: int = 256, retry_seconds: float = 600.0) -> tuple[torch.Tensor, bool]:
     """The evaluation set: (rows, exhausted), rows an int32 (N, max_length) tensor, the same on every rank.
 
     The validation rows in source order (shards sorted by file name, documents in file order, no shuffle), made
@@ -350,7 +446,8 @@ def build_eval_rows(files: list[str], tokenizer, spec: RowSpec, *, target_tokens
     layout evaluates the same rows; ranks divide them by row (`alphadecay.evaluate.evaluate_rows`). Built once
     and kept in memory (the official code re-streams a seed-42 shuffle of the split, split by rank, every time).
     """
-    documents = iter(DocumentStream(files, rank=0, world_size=1, seed=0, buffer_size=1, shuffle=False, repeat=False))
+    documents = iter(DocumentStream(files, rank=0, world_size=1, seed=0, buffer_size=1, shuffle=False, repeat=False,
+                                    retry_seconds=retry_seconds))
 
     def chunks() -> Iterator[torch.Tensor]:  # the split's rows, docs_per_chunk documents at a time
         carry: list[int] = []

@@ -14,13 +14,14 @@ weight (d loss / d logits = softmax - one-hot), then drops the chunk's logits; t
 the stored gradients by the incoming scalar (the approach of Liger-Kernel's fused linear cross-entropy). The
 head's FLOPs are the same as in the unchunked forward + backward, nothing is recomputed; what is stored instead of
 the logits is one gradient the size of the hidden states and one the size of the head weight (accumulated in
-float32).
+float32: each chunk's product is added in float32, and rounded to the weight's dtype once, in backward).
 
 Numerics as in the unchunked path: each chunk's logits are computed in the model's dtype (the head matmul in
 bf16 under pure bf16), upcast to float32 for the log-softmax, the gradient of the logits is cast back to the
 model's dtype before its matmuls (what autograd does through `.float()`). Differences from the unchunked loss are
 rounding: sums in another order, and the head-weight gradient accumulated over chunks in float32 instead of inside
-one matmul. In float64 both are equal to rounding (tested).
+one matmul (one rounding to bf16 at the end in both; tested to within one bf16 unit in the last place). In float64
+both are equal to rounding (tested).
 
 `CausalLMLoss` puts the model and the loss in one module whose forward is the whole training computation, so that
 DistributedDataParallel's gradient hooks and torch.compile see one forward; `row_loss_sums` is the evaluation-side
@@ -65,6 +66,24 @@ def full_token_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch
                            reduction="sum")
 
 
+def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, with the product delivered in acc's dtype (float32 for bf16 or fp16 a, b), never rounded to
+    the inputs' dtype first: the head-weight gradient is then rounded once, after the last chunk, as the
+    unchunked matmul rounds it, instead of once per chunk.
+
+    On CUDA a half-precision matmul with a float32 output (`torch.mm(..., out_dtype=torch.float32)`, which
+    inductor lowers as a matmul with a float32 output; `addmm` with a float32 `self` and bf16 matrices is refused
+    by some torch versions' CUDA kernel, hence mm and an add), elsewhere (torch 2.13 has no CPU kernel for it) a
+    float32 matmul of the upcast inputs: products of bf16 values are exact in float32, so both give the same sum
+    up to the order of the float32 additions."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda":
+        acc += torch.mm(a, b, out_dtype=acc.dtype)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weightᵀ, target_i) over valid targets; gradients computed chunk by chunk in forward."""
 
@@ -97,7 +116,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = grad @ weight
             if grad_weight is not None:
-                grad_weight += grad.t() @ h
+                _accumulate_product(grad_weight, grad.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss

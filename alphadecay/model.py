@@ -18,6 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
+from alphadecay.device_init import built_on
 from alphadecay.errors import UserError
 
 REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
@@ -55,13 +56,18 @@ def load_model_config(path: str) -> LlamaConfig:
     return config
 
 
-def build_model(config: LlamaConfig, *, seed: int) -> LlamaForCausalLM:
-    """A freshly initialised model (float32, CPU): N(0, initializer_range) Linear/Embedding weights, unit norms."""
+def build_model(config: LlamaConfig, *, seed: int, device: torch.device | str = "cpu") -> LlamaForCausalLM:
+    """A freshly initialised float32 model: N(0, initializer_range) Linear/Embedding weights, unit norms.
+
+    The parameters are built on `device` with the values a CPU build gives, bit for bit, and the host holds one
+    tensor at a time rather than the whole float32 model (alphadecay/device_init.py); the buffers (RoPE's
+    frequencies) stay on the host, so move the model with `cast_model`."""
     torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = LlamaForCausalLM(config)
+        with built_on(device):
+            model = LlamaForCausalLM(config)
     finally:
         hf_logging.set_verbosity(verbosity)
     return model

@@ -32,11 +32,13 @@ from alphadecay.errors import UserError
 from alphadecay.wd.groups import layer_index, module_kind
 
 DPI = 100
-KINDS = ("q", "k", "v", "o", "gate", "up", "down", "head")
+# LLaMA's kinds, then the fused ones of GPT-2, GPT-NeoX and the ViT (qkv, proj, fc1, fc2: wd.groups.MODULE_KINDS)
+KINDS = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "proj", "fc1", "fc2", "head")
 # attention in cool colours, MLP in warm ones: the split AlphaDecay's paper (and FARMS) is about
 KIND_COLORS = {"q": "#1f77b4", "k": "#17becf", "v": "#9467bd", "o": "#2ca02c", "gate": "#ff7f0e", "up": "#d62728",
-               "down": "#8c564b", "head": "#7f7f7f", "linear": "#bcbd22"}
-ATTENTION, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
+               "down": "#8c564b", "qkv": "#1f77b4", "proj": "#2ca02c", "fc1": "#d62728", "fc2": "#8c564b",
+               "head": "#7f7f7f", "linear": "#bcbd22"}
+ATTENTION, MLP = ("q", "k", "v", "o", "qkv", "proj"), ("gate", "up", "down", "fc1", "fc2")
 
 
 def _pyplot():

@@ -20,7 +20,8 @@ from transformers.utils import logging as hf_logging
 
 from alphadecay import config as config_lib
 from alphadecay import data, dist, parallel, pretokenized, sharded_checkpoint
-from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_state
+from alphadecay.checkpoint import (disk_space_warning, estimate_checkpoint_bytes, find_checkpoint, load_checkpoint,
+                                   remove_stale_temporaries, set_rng_state)
 from alphadecay.config import TrainConfig
 from alphadecay.diagnostics import ScalingDiagnostics
 from alphadecay.errors import UserError
@@ -116,6 +117,8 @@ def resolve_run_dir(config: TrainConfig, info: dist.DistInfo, checkpoint: str | 
                             f"--continue_from {run_dir}, or choose another --save_dir.")
     if info.is_main:
         os.makedirs(run_dir, exist_ok=True)
+        for note in remove_stale_temporaries(run_dir):
+            print(f"note: {note}", flush=True)
     dist.barrier()
     return run_dir
 
@@ -175,7 +178,12 @@ def check_inputs(config: TrainConfig, info: dist.DistInfo) -> Inputs:
         stored = None
         train_files = data.list_shards(config.dataset, config.dataset_config, "train")
         eval_files = data.list_shards(config.dataset, config.dataset_config, "validation")
-    checkpoint = find_checkpoint(config.continue_from) if config.continue_from else None
+    checkpoint = None
+    if config.continue_from:  # rank 0 verifies (reading every byte once) and tells every rank which to load
+        found = dist.on_main(find_checkpoint, config.continue_from, "--continue_from")
+        for note in found.notes:
+            log0(info, note)
+        checkpoint = found.path
     return Inputs(model_config, tokenizer, spec, train_files, eval_files, grad_accum, checkpoint, stored)
 
 
@@ -222,10 +230,11 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     if inputs.checkpoint and sharded_checkpoint.is_sharded_checkpoint(inputs.checkpoint):  # an FSDP run's
         weights, saved = None, sharded_checkpoint.load_training_state(inputs.checkpoint)  # weights: in restore()
     else:
-        weights, saved = load_checkpoint(inputs.checkpoint) if inputs.checkpoint else (None, None)
-    raw_model = build_model(inputs.model_config, seed=config.seed)
+        weights, saved = load_checkpoint(inputs.checkpoint, info.device) if inputs.checkpoint else (None, None)
+    raw_model = build_model(inputs.model_config, seed=config.seed, device=info.device)
     if weights is not None:
         raw_model.load_state_dict(weights, strict=True)
+        del weights
     cast_model(raw_model, info.device, dtype)
     if config.activation_checkpointing:
         raw_model.gradient_checkpointing_enable()
@@ -241,6 +250,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     optimizer = build_optimizer(param_groups, config, info.device)
     optimizer_impl = resolve_optimizer_impl(config.optimizer_impl, config.optimizer, info.device)
     wd_scheduler = from_flags(config, raw_model, optimizer)
+    if warning := dist.on_main(disk_space_warning, run_dir, estimate_checkpoint_bytes(raw_model, optimizer)):
+        log0(info, warning)
 
     if inputs.pretokenized is not None:  # one global permutation; each rank takes its share of every batch
         train_batches = inputs.pretokenized.train_batches(
@@ -248,7 +259,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
             batch_size=config.batch_size, rank=info.rank, world_size=info.world_size)
     else:  # streaming: each rank reads its own shards
         documents = data.DocumentStream(inputs.train_files, rank=info.rank, world_size=info.world_size,
-                                        seed=config.data_seed, buffer_size=config.shuffle_buffer)
+                                        seed=config.data_seed, buffer_size=config.shuffle_buffer,
+                                        retry_seconds=config.hub_retry_seconds)
         train_batches = data.TokenBatches(documents, inputs.tokenizer, inputs.spec, config.batch_size)
     state = (restore(saved, optimizer, wd_scheduler, train_batches, info, model=raw_model,
                      checkpoint=inputs.checkpoint) if saved else TrainState())
@@ -260,7 +272,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                                                             target_tokens=config.target_eval_tokens)
     else:
         eval_rows, exhausted = data.build_eval_rows(inputs.eval_files, inputs.tokenizer, inputs.spec,
-                                                    target_tokens=config.target_eval_tokens)
+                                                    target_tokens=config.target_eval_tokens,
+                                                    retry_seconds=config.hub_retry_seconds)
     if not len(eval_rows):
         raise UserError(f"--dataset {config.dataset}: the validation split holds no complete row to evaluate on.")
     if exhausted:
@@ -286,11 +299,13 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                f"(accumulation {inputs.grad_accum}); evaluation on {len(eval_rows):,} rows "
                f"({run_provenance['eval_tokens']:,} tokens), official estimator over batches of "
                f"{config.official_eval_rows} rows; run directory {run_dir}")
-    return Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
-                   wd_scheduler=wd_scheduler, train_batches=train_batches, eval_rows=eval_rows, row_spec=inputs.spec,
-                   logger=logger,
-                   run_dir=run_dir, total_steps=total_steps, grad_accum=inputs.grad_accum, autocast=autocast,
-                   state=state, probes=probes)
+    trainer = Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
+                      wd_scheduler=wd_scheduler, train_batches=train_batches, eval_rows=eval_rows,
+                      row_spec=inputs.spec, logger=logger, run_dir=run_dir, total_steps=total_steps,
+                      grad_accum=inputs.grad_accum, autocast=autocast, state=state, probes=probes)
+    if saved:
+        trainer.nonfinite.load_state_dict(saved.get("nonfinite", {}))
+    return trainer
 
 
 def start_logging(config: config_lib.FlagConfig, info: dist.DistInfo, run_dir: str, model, optimizer,

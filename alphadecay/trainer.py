@@ -1,20 +1,24 @@
 """The training loop: one update per iteration, evaluation, logging and checkpoints on their cadences.
 
-One update (`train_step`):
-  1. count the target tokens of all micro-batches on all ranks (one all-reduce, which also carries the stop flag
-     that SIGTERM/SIGINT raise on any rank, so every rank stops at the same update);
+One update (`train_step`; alphadecay/update.py has what both model families share):
+  1. count the target tokens of all micro-batches on all ranks (an all-reduce on the device; no host wait);
   2. forward/backward each micro-batch with loss = sum of token losses / global target tokens (times the world
      size, which DDP's and FSDP's gradient averaging divides out), DDP's `no_sync` on all but the last
      micro-batch (FSDP reduce-scatters every micro-batch: alphadecay/parallel.py): the gradient is exactly that
      of the token-mean loss over the global batch, however it is split into ranks and micro-batches (the
      official code averages per-micro-batch means instead; identical when GA=1 on one GPU);
-  3. optional gradient clipping (parallel.clip_grad_norm: also on FSDP's sharded gradients);
-  4. the weight-decay scheduler (alphadecay.wd: it sets the groups' decays by name), then `optimizer.step()`.
+  3. the global gradient norm (clipped with --grad_clipping; also over FSDP's sharded gradients), then one
+     all-reduce of the loss sum, the stop flag that SIGTERM/SIGINT raise on any rank and each rank's non-finite
+     flag, so every rank takes the same decisions;
+  4. the weight-decay scheduler (alphadecay.wd: it sets the groups' decays by name), then `optimizer.step()`;
+  5. the one host read of the update (counts, loss, gradient norm, flags). A non-finite loss or gradient norm
+     ends the run (--nonfinite stop) or drops the update (--nonfinite skip, read before step 4).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -25,13 +29,15 @@ import torch
 from tqdm.auto import tqdm
 
 from alphadecay import dist, parallel, sharded_checkpoint
-from alphadecay.checkpoint import rng_state, save_checkpoint
+from alphadecay.checkpoint import prune_checkpoints, rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
 from alphadecay.data import IGNORE_INDEX, Prefetcher, RowSpec
+from alphadecay.errors import HubUnavailable
 from alphadecay.evaluate import evaluate_rows
-from alphadecay.loss import CausalLMLoss, target_count
+from alphadecay.loss import CausalLMLoss
 from alphadecay.mfu import device_peak_flops, llama_flops_per_token, throughput_metrics
 from alphadecay.optim import lr_factor, set_learning_rate
+from alphadecay.update import NonfiniteGuard, Outcome, gradient_norm, to_device
 from alphadecay import wd
 from alphadecay.wd.groups import mean_weight_decay
 
@@ -89,8 +95,9 @@ class Trainer:
         # __call__(model) -> dict of floats (identical on every rank); see alphadecay/diagnostics.py.
         self.probes = list(probes or [])
         self.stop = StopFlag()
+        self.saved_step = state.step  # the newest update with a checkpoint (the resumed one, or 0: none needed)
         self.data_state: dict | None = None
-        self.grad_norm: torch.Tensor | None = None  # before clipping, when --grad_clipping > 0
+        self.nonfinite = NonfiniteGuard(config.nonfinite, config.max_skipped_updates)
         self.last_loss: float | None = None  # the last logged training loss, for the console
         # For tokens_per_s_per_device and mfu (CUDA only; alphadecay/mfu.py).
         llama = getattr(getattr(raw_model, "config", None), "model_type", None) == "llama"
@@ -112,14 +119,15 @@ class Trainer:
                    run_dir="", total_steps=0, grad_accum=1, autocast=contextlib.nullcontext(), state=TrainState())
 
     # -- one update ------------------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int, bool, dict]:
-        """One optimizer update; returns (local loss sum, global targets, global input tokens, stop, wd metrics)."""
-        device = self.info.device
-        inputs = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)  # non-pad input tokens
-        counts = torch.tensor([sum(target_count(b["labels"]) for b in micro_batches), inputs,
-                               float(self.stop.raised)], dtype=torch.float64, device=device)
-        targets, inputs, stop = dist.all_reduce_sum(counts).tolist()
-        scale = self.info.world_size / max(targets, 1.0)
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> Outcome:
+        """One optimizer update (module docstring; alphadecay/update.py): the host reads the device once, after the
+        optimizer step is queued (before it with --nonfinite skip). Returns the Outcome: loss sum over all ranks,
+        counts [targets, input tokens] over all ranks, gradient norm, stop flag, non-finite ranks, decay metrics."""
+        device, info = self.info.device, self.info
+        host = torch.stack([torch.stack([(b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches]).sum(),
+                            torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro_batches]).sum()])
+        counts = dist.all_reduce_sum(to_device(host.double(), device))  # [targets, non-pad input tokens]
+        scale = info.world_size / counts[0].clamp(min=1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i, batch in enumerate(micro_batches):
             with parallel.micro_batch_context(self.model, last=i == len(micro_batches) - 1), self.autocast:
@@ -127,17 +135,21 @@ class Trainer:
                                         batch["labels"].to(device, non_blocking=True))
             (micro_loss * scale).backward()
             loss_sum += micro_loss.detach().double()
-        if self.config.grad_clipping > 0:
-            self.grad_norm = parallel.clip_grad_norm(self.raw_model.parameters(), self.config.grad_clipping)
-        wd_metrics = self.wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
-        self.optimizer.step()
+        grad_norm = gradient_norm(self.raw_model.parameters(), self.config.grad_clipping)
+        outcome = Outcome.start(counts, loss_sum, grad_norm, self.stop.raised, info)
+        if self.config.nonfinite == "skip" and not outcome.read().finite:  # dropped on every rank alike
+            self.wd_scheduler.skip()
+            outcome.applied = False
+        else:
+            outcome.wd_metrics = self.wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, int(targets), int(inputs), stop > 0, wd_metrics
+        return outcome.read()
 
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         config, is_main = self.config, self.info.is_main
-        batches = Prefetcher(self.train_batches)
+        batches = Prefetcher(self.train_batches, device=self.info.device)
         self.stop.install()
         window = self._empty_window()
         # In a log file (not a terminal) the bar redraws at most every 30 s instead of several times a second.
@@ -148,24 +160,30 @@ class Trainer:
                 lr = config.lr * lr_factor(step, total_steps=self.total_steps, warmup_steps=config.warmup_steps,
                                            schedule=config.scheduler, min_lr_ratio=config.min_lr_ratio)
                 set_learning_rate(self.optimizer, lr)
-                micro = [next(batches) for _ in range(self.grad_accum)]
+                micro = self.next_micro_batches(batches)
                 self.data_state = micro[-1][1]
-                start = time.perf_counter()
-                loss_sum, targets, tokens, stop, wd_metrics = self.train_step([b for b, _ in micro])
-                elapsed = time.perf_counter() - start
-                self.state.step, self.state.tokens_seen = step + 1, self.state.tokens_seen + tokens
+                start = time.perf_counter()  # the previous update's read (or an evaluation) left the GPU idle
+                outcome = self.train_step([b for b, _ in micro])
+                elapsed = time.perf_counter() - start  # up to the read: the GPU's work is done
+                targets, tokens = outcome.counts
+                self.state.step, self.state.tokens_seen = step + 1, self.state.tokens_seen + int(tokens)
                 self.state.train_time += elapsed
-                window["loss"] += loss_sum
-                window["targets"] += targets
-                window["tokens"] += tokens
+                self.nonfinite.check(outcome, self.state.step, logger=self.logger,
+                                     run_dir=self.run_dir)
+                stop = outcome.stop
+                if outcome.applied:
+                    window["loss"] += outcome.loss_sum
+                    window["targets"] += int(targets)
+                window["tokens"] += int(tokens)
                 window["positions"] += sum(b["input_ids"].numel() for b, _ in micro)  # this rank's, pads included
                 window["time"] += elapsed
+                window["grad_norm"] = outcome.grad_norm
                 done = self.state.step == self.total_steps
                 if self.state.step % config.log_every == 0 or done:
-                    self._log_train(window, lr, bar, wd_metrics)
+                    self._log_train(window, lr, bar, outcome.wd_metrics)
                     window = self._empty_window()
-                elif wd_metrics:  # a module-wise pass is logged at its own update
-                    self.logger.log(wd_metrics, step=self.state.step)
+                elif outcome.wd_metrics:  # a module-wise pass is logged at its own update
+                    self.logger.log(outcome.wd_metrics, step=self.state.step)
                 bar.update(1)
                 for probe in self.probes:
                     if probe.due(self.state.step, done):
@@ -183,19 +201,40 @@ class Trainer:
             self.stop.uninstall()
         return self.state
 
-    def _empty_window(self) -> dict:
-        """Sums over the updates since the last training log line."""
-        return {"loss": torch.zeros((), dtype=torch.float64, device=self.info.device), "targets": 0, "tokens": 0,
-                "positions": 0, "time": 0.0}
+    def next_micro_batches(self, batches) -> list:
+        """The next update's (batch, data state) pairs. When streamed data stays unreadable on a rank past
+        --hub_retry_seconds (HubUnavailable), every rank saves the last completed update and stops with that error.
+        Ranks agree through one all-reduce per update, made only where that can happen (hub data, several ranks)."""
+        try:
+            micro, failure = [next(batches) for _ in range(self.grad_accum)], None
+        except HubUnavailable as err:
+            micro, failure = None, err
+        if self.info.distributed and getattr(self.train_batches, "remote", False):
+            flag = torch.tensor([float(failure is not None)], device=self.info.device)
+            if dist.all_reduce_sum(flag).item() > 0:
+                failure = HubUnavailable(" ".join(str(m) for m in dist.all_gather_objects(failure) if m is not None))
+        if failure is None:
+            return micro
+        if self.state.step > self.saved_step:
+            self.save()
+        kept = (f"update {self.state.step} is saved in {self.run_dir}/model_{self.state.step}" if self.state.step
+                else "no update was done yet, so there is nothing to save")
+        raise HubUnavailable(f"{failure} The run stopped: {kept}. Once the hub answers again, resume with "
+                             f"--continue_from {self.run_dir} (a larger --hub_retry_seconds rides out longer "
+                             "outages).")
+
+    @staticmethod
+    def _empty_window() -> dict:
+        """Sums over the updates since the last training log line (host values: no synchronisation to log)."""
+        return {"loss": 0.0, "targets": 0, "tokens": 0, "positions": 0, "time": 0.0, "grad_norm": math.nan}
 
     def _log_train(self, window: dict, lr: float, bar, extra: dict) -> None:
-        loss_sum = dist.all_reduce_sum(window["loss"].clone()).item()
-        loss = loss_sum / max(window["targets"], 1)
+        loss = window["loss"] / max(window["targets"], 1) if window["targets"] else math.nan
         metrics = {"loss": loss, "lr": lr, "weight_decay": mean_weight_decay(self.optimizer.param_groups),
-                   "tokens_seen": self.state.tokens_seen,
+                   "tokens_seen": self.state.tokens_seen, "grad_norm": window["grad_norm"],
                    "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
-        if self.grad_norm is not None:
-            metrics["grad_norm"] = self.grad_norm.item()
+        if self.nonfinite.skipped:
+            metrics["skipped_updates"] = self.nonfinite.skipped
         if self.data_state and "epoch" in self.data_state:  # pretokenized data: passes over the train split
             metrics["epoch"] = self.data_state["epoch"]
         if self.info.device.type == "cuda":
@@ -228,18 +267,27 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self, final: bool = False) -> None:
         """Every rank contributes its data position and RNG state; rank 0 writes the checkpoint (under FSDP every
-        rank writes its shards: alphadecay/sharded_checkpoint.py; the `final` one also as save_pretrained)."""
+        rank writes its shards: alphadecay/sharded_checkpoint.py; the `final` one also as save_pretrained), then
+        deletes those beyond --keep_checkpoints. A save that fails (a full disk) raises its RunFault on every rank."""
         data_states = dist.all_gather_objects(self.data_state)
         rng_states = dist.all_gather_objects(rng_state())
         state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "train_time": self.state.train_time,
-                 "wd_scheduler": self.wd_scheduler.state_dict(), "data": data_states, "rng": rng_states,
-                 "world_size": self.info.world_size, "wandb_id": self.logger.wandb_id, "config": self.config.to_dict()}
-        if parallel.is_sharded(self.raw_model):
+                 "nonfinite": self.nonfinite.state_dict(), "wd_scheduler": self.wd_scheduler.state_dict(),
+                 "data": data_states, "rng": rng_states, "world_size": self.info.world_size,
+                 "wandb_id": self.logger.wandb_id, "config": self.config.to_dict()}
+
+        def prune(path: str) -> None:
+            deleted = prune_checkpoints(self.run_dir, self.config.keep_checkpoints, self.state.step)
+            tqdm.write(f"saved {path}" + (f" (deleted {', '.join(deleted)}: --keep_checkpoints)" if deleted else ""))
+
+        def write() -> None:
+            prune(save_checkpoint(self.run_dir, self.state.step, self.raw_model,
+                                  {**state, "optimizer": self.optimizer.state_dict()}))
+
+        if parallel.is_sharded(self.raw_model):  # a collective: every rank writes, each stops on a failure
             path = sharded_checkpoint.save(self.run_dir, self.state.step, self.raw_model, self.optimizer, state,
                                            full_model=final)
-        elif self.info.is_main:
-            path = save_checkpoint(self.run_dir, self.state.step, self.raw_model,
-                                   {**state, "optimizer": self.optimizer.state_dict()})
-        if self.info.is_main:
-            tqdm.write(f"saved {path}")
-        dist.barrier()
+            dist.on_main(prune, path)
+        else:
+            dist.on_main(write)
+        self.saved_step = self.state.step

@@ -3,6 +3,8 @@
     python benchmarks/esd_pass.py                                   # 60m and 130m, 1 and 2 ranks, median fit, CPU
     python benchmarks/esd_pass.py --configs 60m --fit goodness-of-fit --world_size 1
     python benchmarks/esd_pass.py --configs 130m --device cuda --world_size 1
+    python benchmarks/esd_pass.py --farms --configs 1b --device cuda     # FARMS windows and time at 1B's shapes
+    python benchmarks/esd_pass.py --farms --configs 60m --farms_window 500 --variants random   # 1B's regime, on a CPU
 
 Weights: the LLaMA of configs/llama_<size>.json built under torch.manual_seed(0), in two variants: random init,
 and "heavy-tailed" (each Linear weight replaced by U diag(s) Vᵀ with random orthogonal U, V and a power-law
@@ -17,11 +19,24 @@ alpha differs from the baseline's by more than 1e-4 (relative). For the search f
 fix-finger) that check is made on the same eigenvalues, and the end-to-end difference is only printed: the chosen
 xmin jumps with the eigenvalues, and at random init goodness-of-fit fits α ≈ 9-15 on a handful of top eigenvalues,
 which amplifies their rounding differences (svdvals vs Gram) to ~1e-4.
+
+--farms measures FARMS (`--esd_estimator farms`, median fit) instead, at the shapes of each config's tuned Linears
+(hidden², intermediate × hidden, hidden × intermediate; one random N(0, 0.02) matrix of each, or its heavy-tailed
+variant): per shape, the windows per matrix and the time of `module_metrics` on one matrix with the authors'
+window positions (`FarmsSampling(min_step=0)`) and with the default (`min_step` 0.05), alpha both ways; then the
+model's totals (windows, and the pass time estimated as Σ matrices × time per matrix). Both samplings pool the
+same kind of windows, so their alphas differ by the near-duplicate windows' weight only; the script fails if they
+differ by more than FARMS_TOLERANCE (relative) or one is not finite. At 1B the authors' positions mean 225
+eigendecompositions of 2000² per matrix: run it on a GPU (a 2-core CPU takes seconds to minutes for each).
+--farms_window W (default 2000) changes the window of both samplings: 500 on 60M's 512-wide sides is 1B's regime
+(a window a little smaller than the side) at a size a CPU can time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import socket
@@ -42,6 +57,15 @@ from alphadecay import esd  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
+# default vs authors' FARMS positions, median fit, random init: 3e-4..3e-3 relative on 512-wide analogues of 1B's
+# shapes (500² windows, span 12 -> 13 positions 1 apart, against 1) on this CPU
+FARMS_TOLERANCE = 2e-2
+FARMS_SAMPLINGS = {"authors": esd.FarmsSampling(min_step=0), "default": esd.FarmsSampling()}
+
+
+def farms_samplings(window: int = esd.FarmsSampling.window) -> dict[str, esd.FarmsSampling]:
+    """The authors' positions (min_step 0) and the default, with window `window`."""
+    return {name: dataclasses.replace(s, window=window) for name, s in FARMS_SAMPLINGS.items()}
 Weights = list[tuple[str, torch.Tensor]]
 
 
@@ -53,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fit", default="median", choices=list(esd.FIT_METHODS))
     parser.add_argument("--variants", default="random,heavy", help="random (init) and/or heavy (power-law spectra)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median reported)")
+    parser.add_argument("--farms", action="store_true", help="FARMS window counts and times at the configs' shapes "
+                                                             "(authors' positions vs the default min_step)")
+    parser.add_argument("--farms_window", type=int, default=esd.FarmsSampling.window, help="with --farms: the window")
     return parser.parse_args(argv)
 
 
@@ -81,15 +108,24 @@ def heavy_tailed(weights: Weights, seed: int = 1234) -> Weights:
     return out
 
 
+def tuned_shapes(size: str) -> list[tuple[tuple[int, int], int]]:
+    """The shapes of configs/llama_<size>.json's tuned Linears (official defaults: 7L − 1, without layer-0 q_proj
+    and lm_head) and how many matrices have each: q, k, v, o (hidden²), gate, up (intermediate × hidden), down."""
+    config = json.loads((REPO / "configs" / f"llama_{size}.json").read_text())
+    hidden, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    return [((hidden, hidden), 4 * layers - 1), ((inner, hidden), 2 * layers), ((hidden, inner), layers)]
+
+
 def _orthonormal(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))
 
 
 # -- timing --------------------------------------------------------------------------------------------------------
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[list[float], object]:
-    """Seconds of `repeats` calls after one warm-up call, and the last result."""
-    result = fn()
+def timed(fn: Callable[[], object], repeats: int, device: torch.device, warmup: bool = True
+          ) -> tuple[list[float], object]:
+    """Seconds of `repeats` calls after one warm-up call (unless warmup=False), and the last result."""
+    result = fn() if warmup else None
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -141,6 +177,66 @@ def _rank_main(rank: int, world_size: int, port: int, weights: Weights, fit: str
                    "metrics": runs[-1][2]})
     finally:
         dist.destroy_process_group()
+
+
+# -- FARMS -----------------------------------------------------------------------------------------------------------
+def farms_at_shapes(size: str, variant: str, device: torch.device, repeats: int,
+                    samplings: dict[str, esd.FarmsSampling] = FARMS_SAMPLINGS) -> list[dict]:
+    """Per tuned shape of llama_<size>: {"shape", "matrices", and per sampling ("authors", "default"): {"windows"
+    per matrix, "seconds" (median of `repeats` module_metrics calls on one matrix, after a warm-up with the
+    default sampling), "alpha"}}."""
+    rows = []
+    for k, ((n, m), count) in enumerate(tuned_shapes(size)):
+        w = torch.randn(n, m, generator=torch.Generator().manual_seed(k)) * 0.02
+        if variant == "heavy":
+            w = heavy_tailed([("w", w)], seed=4321 + k)[0][1]
+        named = [("w", w.to(device))]
+        esd.module_metrics(named, estimator="farms", farms=samplings["default"])  # warm-up: solver handles, kernels
+        row: dict = {"shape": (n, m), "matrices": count}
+        for name, sampling in samplings.items():
+            _, long_offsets, short_offsets = esd.farms_windows((n, m), sampling)
+            times, out = timed(lambda: esd.module_metrics(named, estimator="farms", farms=sampling), repeats, device,
+                               warmup=False)
+            row[name] = {"windows": len(long_offsets) * len(short_offsets), "seconds": statistics.median(times),
+                         "alpha": out["w"]["alpha"]}
+        rows.append(row)
+    return rows
+
+
+def farms_alpha_diff(row: dict) -> float:
+    """|α_default − α_authors| / α_authors of one shape; inf when either is not finite."""
+    a, b = row["default"]["alpha"], row["authors"]["alpha"]
+    return abs(a - b) / abs(b) if math.isfinite(a) and math.isfinite(b) else math.inf
+
+
+def farms_totals(rows: list[dict]) -> dict[str, tuple[int, float]]:
+    """Per sampling: (windows, estimated pass seconds) of the whole tuned set."""
+    return {name: (sum(r["matrices"] * r[name]["windows"] for r in rows),
+                   sum(r["matrices"] * r[name]["seconds"] for r in rows)) for name in ("authors", "default")}
+
+
+def bench_farms(size: str, variant: str, args: argparse.Namespace) -> bool:
+    device = torch.device(args.device)
+    samplings = farms_samplings(args.farms_window)
+    sampling = samplings["default"]
+    print(f"\n== FARMS at llama_{size}'s tuned shapes  {variant}  median fit  device={device}  (window "
+          f"{sampling.window}, {sampling.per_dim} positions per side; authors' positions = min_step 0, default "
+          f"min_step {sampling.min_step})")
+    rows = farms_at_shapes(size, variant, device, args.repeats, samplings)
+    print(f"{'shape':>11} {'matrices':>8}  {'windows/matrix':>16}  {'s/matrix authors -> default':>28}  "
+          f"{'alpha authors -> default':>26}")
+    for r in rows:
+        a, d = r["authors"], r["default"]
+        print(f"{r['shape'][0]:>5}x{r['shape'][1]:<5} {r['matrices']:>8}  {a['windows']:>7} -> {d['windows']:<6}  "
+              f"{a['seconds']:>12.3f} -> {d['seconds']:<12.3f}  {a['alpha']:.5f} -> {d['alpha']:.5f} "
+              f"({farms_alpha_diff(r):.1e})")
+    totals = farms_totals(rows)
+    (wa, sa), (wd, sd) = totals["authors"], totals["default"]
+    print(f"tuned set: {wa:,} -> {wd:,} windows; estimated FARMS pass {sa:.1f} s -> {sd:.1f} s "
+          f"({sa / sd:.1f}x faster; each matrix's full ESD included)")
+    worst = max(farms_alpha_diff(r) for r in rows)
+    print(f"max relative alpha difference, default vs authors' positions: {worst:.1e} (limit {FARMS_TOLERANCE:g})")
+    return worst <= FARMS_TOLERANCE
 
 
 # -- comparison ----------------------------------------------------------------------------------------------------
@@ -235,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for size in args.configs.split(","):
         for variant in args.variants.split(","):
-            ok &= bench(size, variant, args, world_sizes)
+            ok &= bench_farms(size, variant, args) if args.farms else bench(size, variant, args, world_sizes)
     print("\nall checks passed" if ok else "\nFAILED: see the differences above")
     return 0 if ok else 1
 

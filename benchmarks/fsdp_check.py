@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from alphadecay import dist, esd, parallel, sharded_checkpoint  # noqa: E402
 from alphadecay.config import parse_args  # noqa: E402
 from alphadecay.esd import sharded  # noqa: E402
-from alphadecay.model import build_model, load_model_config  # noqa: E402
+from alphadecay.model import build_model, cast_model, load_model_config  # noqa: E402
 from alphadecay.optim import build_optimizer  # noqa: E402
 from alphadecay.run import wrap_model  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
@@ -54,8 +54,8 @@ def measure(parallelism: str, args: argparse.Namespace, info: dist.DistInfo, dty
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    with device:
-        raw = build_model(load_model_config(config.model_config), seed=0).to(dtype)
+    raw = build_model(load_model_config(config.model_config), seed=0, device=device)  # built on the device
+    cast_model(raw, device, dtype)
     if parallelism == "fsdp":
         model = parallel.fully_shard_llama(raw, device, chunk_tokens=0, reduce_dtype=dtype, compile=False)
     else:

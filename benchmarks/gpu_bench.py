@@ -5,7 +5,9 @@
     benchmarks/gpu_check.sh --parts throughput,esd --out /tmp/perf
 
 Parts, in order (`--parts` picks some):
-- tests: the GPU-marked tests (`pytest -m gpu`: bf16 training, chunked loss, compiled updates, ESD on CUDA);
+- tests: the GPU-marked tests (`pytest -m gpu`: bf16 training, chunked loss (its bf16 head gradient rounded once,
+  eager and compiled), compiled updates, ESD on CUDA (the blocked Gram product at N >= 512 in fp32 and fp64, a NaN
+  weight));
 - throughput: tokens/s per device, MFU and peak memory of `Trainer.train_step` (AdamW, Uniform decay, random full
   rows) for llama_60m and llama_130m at the paper's micro-batches (512 and 256 rows of 256 tokens), pure bf16,
   {eager, compiled} x {full, chunked loss}: WARMUP untimed updates (they include the compilation, reported as
@@ -16,9 +18,18 @@ Parts, in order (`--parts` picks some):
 - esd: one AlphaDecay spectral pass (`esd.module_metrics` on the tuned Linears, median fit) on llama_130m and
   llama_1b against the official computation (`esd.reference_module_metrics`: fp32 `svdvals` of every Linear, one
   at a time, the official loop fits) on the same GPU and the same bf16 weights; fails if a tuned module's alpha
-  differs by more than 1e-4 (relative);
+  differs by more than 1e-4 (relative). Then FARMS (`--esd_estimator farms`) at the same configs' shapes
+  (benchmarks/esd_pass.py --farms: one random matrix per tuned shape, the authors' window positions against the
+  default min_step, windows and seconds per matrix, alpha both ways; fails if they differ by more than 2e-2 or one
+  is not finite; the authors' positions at 1B: 3 x 225 eigendecompositions of 2000²);
 - run: a 200-update AlphaDecay run of llama_60m in bf16 on the shipped sample through `torchrun_main.py` with
-  its defaults (so --compile auto compiles); fails unless the loss falls by more than 1 nat;
+  its defaults (so --compile auto compiles); fails unless the loss falls by more than 1 nat, or unless its logged
+  MFU (median over log windows) is within 5% of `measure_updates` of the same model and micro-batch (the trainer
+  times each update up to its one host read, so what it logs is the GPU's time, not the host's queueing).
+- memory: benchmarks/startup_memory.py for llama_1b on the GPU: the host's peak while a rank builds the model
+  (on the host in float32 before, on the GPU now) and while it resumes a checkpoint (into memory before, mapped
+  now), and the GPU's peak of DDP updates without and with gradient_as_bucket_view (1 and 2 micro-batches of
+  4 x 256); fails unless the model built on the GPU equals the host build bit for bit.
 - fsdp: `benchmarks/fsdp_check.py` under torchrun, one process per visible GPU: llama_1b in bf16, --parallelism
   fsdp then ddp, peak memory per rank and tokens/s over 10 updates of 8 rows per rank, against the training state
   per rank the formula gives (8 bytes per parameter, / N under FSDP); one AlphaDecay pass through the sharded
@@ -28,8 +39,9 @@ The report's first line says what ran, on what, how long it took, and whether ev
 is 1 if a check failed or a part raised, else 0. Out-of-memory in a throughput variant is a result, not a failure.
 
 --cpu-smoke runs the same code with llama_1m, micro-batches of 2-8 rows of 32 tokens, 1 + 2 updates, torch.compile
-with dynamo's `eager` backend (graph capture without inductor's C++ compilation, which takes minutes on a CPU)
-and an 8-update run, so that the script cannot rot before a GPU runs it (tests/test_gpu_check.py).
+with dynamo's `eager` backend (graph capture without inductor's C++ compilation, which takes minutes on a CPU),
+an 8-update run, and the memory part with the build on `meta` and the rest on the CPU, so that the script cannot
+rot before a GPU runs it (tests/test_gpu_check.py).
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ import gc
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,11 +76,13 @@ from alphadecay.optim import build_optimizer  # noqa: E402
 from alphadecay.wd.groups import module_param_groups  # noqa: E402
 from alphadecay.run import wrap_model  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
-from esd_pass import max_rel_alpha_diff  # noqa: E402
+import startup_memory  # noqa: E402
+from esd_pass import FARMS_TOLERANCE, farms_alpha_diff, farms_at_shapes, farms_totals, max_rel_alpha_diff  # noqa: E402
 
-PARTS = ("tests", "throughput", "largest", "esd", "run", "fsdp")
+PARTS = ("tests", "throughput", "largest", "esd", "run", "memory", "fsdp")
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_gpu_speed.py")
 ALPHA_TOLERANCE = 1e-4
+MFU_TOLERANCE = 0.05  # the run's logged MFU against the synchronised measurement
 
 
 @dataclass
@@ -91,6 +106,11 @@ class Plan:
         "total_batch_size": 64, "max_length": 256, "num_training_steps": 200, "warmup_steps": 20, "lr": 1e-3,
         "eval_every": 200, "log_every": 10, "target_eval_tokens": 200_000, "unbalancedWD_every": 50})
     min_loss_drop: float = 1.0
+    # benchmarks/startup_memory.py: config, device of the build part, device of the resume and ddp parts, ddp sizes
+    memory_config: str = "1b"
+    memory_build_device: str = "cuda:0"
+    memory_device: str = "cuda:0"
+    memory_ddp: tuple[int, int, str] = (4, 256, "1,2")  # rows, tokens per row, micro-batches per update
     fsdp: dict = field(default_factory=lambda: {"config": "1b", "micro": 8, "max_length": 256, "timed": 10})
 
     @classmethod
@@ -102,7 +122,8 @@ class Plan:
                              "batch_size": 4, "total_batch_size": 8, "max_length": 64, "num_training_steps": 8,
                              "warmup_steps": 2, "lr": 3e-3, "eval_every": 8, "log_every": 1,
                              "target_eval_tokens": 4000, "unbalancedWD_every": 2, "shuffle_buffer": 64},
-                   min_loss_drop=0.0, fsdp={"config": "1m", "micro": 2, "max_length": 32, "timed": 2})
+                   min_loss_drop=0.0, memory_config="1m", memory_build_device="meta", memory_device="cpu",
+                   memory_ddp=(2, 32, "2"), fsdp={"config": "1m", "micro": 2, "max_length": 32, "timed": 2})
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
@@ -282,6 +303,8 @@ def part_largest(plan: Plan, report: Report, peak_flops: float | None) -> None:
 def part_esd(plan: Plan, report: Report) -> None:
     rows = ["| config | official: fp32 svdvals per matrix, serial, all 7L+1 Linears (s) | ours: module_metrics, "
             "7L-1 tuned (s) | speed-up | max relative alpha difference |", "|---|---:|---:|---:|---:|"]
+    farms_rows = ["| config | shape | matrices | windows per matrix, authors → default | s per matrix, authors → "
+                  "default | alpha, authors → default (relative difference) |", "|---|---|---:|---|---|---|"]
     for size in plan.esd_configs:
         model = new_model(size, plan)
         weights = [(n, m.weight.detach()) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -302,14 +325,39 @@ def part_esd(plan: Plan, report: Report) -> None:
         rows.append(f"| {size} | {official_s:.2f} | {ours_s:.2f} | {official_s / ours_s:.1f}x | {diff:.1e} |")
         if not diff <= ALPHA_TOLERANCE:
             report.fail(f"esd {size}: alpha differs from the official computation by {diff:.1e} (> {ALPHA_TOLERANCE})")
+        farms_rows += farms_table(size, farms_at_shapes(size, "random", plan.device, repeats=1), report)
         del model, weights, tuned
         free_memory(plan.device)
     report.add(f"## One AlphaDecay spectral pass vs the official computation\n\nRandom-init weights in {plan.dtype} "
                f"on {plan.device.type}, median fit, one pass each after a warm-up on two matrices.\n\n"
                + "\n".join(rows))
+    report.add(f"## FARMS: window positions and pass time\n\nMedian fit. Per tuned shape, one random N(0, 0.02) "
+               "float32 matrix: windows per matrix and seconds of `module_metrics` on it with the FARMS authors' "
+               f"positions (`--farms_min_step 0`) and the default (0.05); last row per config: the tuned set's totals, "
+               "the pass time estimated as the sum over shapes of matrices x seconds per matrix.\n\n"
+               + "\n".join(farms_rows))
 
 
-def part_run(plan: Plan, report: Report) -> None:
+def farms_table(size: str, shapes: list[dict], report: Report) -> list[str]:
+    """Markdown rows of one config's FARMS comparison; records a failure where the two samplings' alphas differ by
+    more than FARMS_TOLERANCE or one is not finite."""
+    rows = []
+    for r in shapes:
+        a, d = r["authors"], r["default"]
+        diff = farms_alpha_diff(r)
+        rows.append(f"| {size} | {r['shape'][0]}x{r['shape'][1]} | {r['matrices']} | {a['windows']} → {d['windows']} "
+                    f"| {a['seconds']:.2f} → {d['seconds']:.2f} | {a['alpha']:.4f} → {d['alpha']:.4f} "
+                    f"({diff:.1e}) |")
+        if not diff <= FARMS_TOLERANCE:
+            report.fail(f"farms {size} {r['shape']}: alpha {a['alpha']} (authors' positions) vs {d['alpha']} "
+                        f"(default) differ by {diff:.1e} (> {FARMS_TOLERANCE})")
+    (wa, sa), (wd, sd) = farms_totals(shapes).values()
+    matrices = sum(r["matrices"] for r in shapes)
+    rows.append(f"| {size} | tuned set | {matrices} | {wa:,} → {wd:,} | {sa:.1f} → {sd:.1f} (estimated) | |")
+    return rows
+
+
+def part_run(plan: Plan, report: Report, peak_flops: float | None) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu_check_run-") as run_dir:
         flags = {"dataset": "data/c4_sample", "tokenizer": "data/tokenizer", "optimizer": "adamw",
                  "weight_decay": 0.1, "wd_scheduler": "alphadecay", "wd_max_ratio": 5, "save_every": 100_000,
@@ -341,6 +389,47 @@ def part_run(plan: Plan, report: Report) -> None:
         f"Loss fell by more than {plan.min_loss_drop:g}: {'yes' if fell else 'NO'}.")
     if not fell:
         report.fail(f"run: the loss did not fall by more than {plan.min_loss_drop:g} ({first:.3f} -> {last:.3f})")
+    compare_logged_mfu(plan, report, train, peak_flops)
+
+
+def compare_logged_mfu(plan: Plan, report: Report, train: list[dict], peak_flops: float | None) -> None:
+    """The run's logged MFU (the median over its log windows after the first, which holds the compilation) against
+    `measure_updates` of the same model and micro-batch, compiled, between two synchronisations: the trainer times
+    each update up to its one host read, so the two must agree (within MFU_TOLERANCE)."""
+    logged = [m["mfu"] for m in train[1:] if m.get("mfu") is not None]
+    if not logged or not peak_flops:
+        report.add("Logged MFU against the synchronised measurement: not compared (no MFU on this device).")
+        return
+    size = Path(plan.run_args["model_config"]).stem.split("_", 1)[1]
+    reference = measure_updates(size, plan.run_args["batch_size"], compiled=True, chunk=0, timed=plan.timed,
+                                plan=plan, peak_flops=peak_flops)
+    if reference.mfu is None:
+        report.add(f"Logged MFU against the synchronised measurement: no reference ({reference.note}).")
+        return
+    median = statistics.median(logged)
+    ratio = median / reference.mfu
+    report.add(f"Logged MFU (median of {len(logged)} windows) {median:.1%} against {reference.mfu:.1%} measured "
+               f"between synchronisations for the same model and micro-batch: ratio {ratio:.3f}.")
+    if abs(ratio - 1) > MFU_TOLERANCE:
+        report.fail(f"run: the logged MFU {median:.1%} differs from the synchronised {reference.mfu:.1%} by more than "
+                    f"{MFU_TOLERANCE:.0%}")
+
+
+def part_memory(plan: Plan, report: Report) -> None:
+    rows, ok = [], True
+    rows_per_micro, length, accumulations = plan.memory_ddp
+    for device, parts in ((plan.memory_build_device, ["build"]), (plan.memory_device, ["resume", "ddp"])):
+        args = startup_memory.parse_args(["--config", plan.memory_config, "--device", device, "--rows",
+                                          str(rows_per_micro), "--length", str(length), "--accumulations",
+                                          accumulations])
+        got, passed = startup_memory.measure(args, parts)
+        rows += got
+        ok &= passed
+    report.add(f"## Start-up and gradient memory, llama_{plan.memory_config}\n\n`benchmarks/startup_memory.py` "
+               "(its docstring says what each row measures); each variant in a fresh process.\n\n"
+               + "\n".join(startup_memory.TABLE_HEAD + rows))
+    if not ok:
+        report.fail(f"memory: the model built on {plan.memory_build_device} differs from the host build")
 
 
 def part_fsdp(plan: Plan, report: Report) -> None:
@@ -432,7 +521,9 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "esd":
                 part_esd(plan, report)
             elif part == "run":
-                part_run(plan, report)
+                part_run(plan, report, peak_flops)
+            elif part == "memory":
+                part_memory(plan, report)
             elif part == "fsdp":
                 part_fsdp(plan, report)
         except Exception as err:  # noqa: BLE001 - one broken part must not hide the others' results

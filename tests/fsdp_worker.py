@@ -26,7 +26,8 @@ sys.path.insert(0, REPO)
 
 def checks(out_dir: str) -> None:
     """The sharded pieces against whole tensors, on uneven shards: the Gram route's eigenvalues, the gather, the
-    spectral pass, norms (the DTensor .item() trap), clipping."""
+    spectral pass (with FARMS' min_step, NaN weights, an error on one rank), norms (the DTensor .item() trap),
+    clipping."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -83,6 +84,50 @@ def checks(out_dir: str) -> None:
             rel = {k: max(_rel(got[n][k], want[n][k]) for n in want) for k in esd.METRIC_KEYS}
             check(f"module_metrics {fit} {estimator}", rel["alpha"] <= 1e-5 and max(rel.values()) <= 1e-4, rel)
 
+    # FARMS' --farms_min_step reaches the sharded route: with min_step 0.5 it equals the whole matrices' with 0.5,
+    # which differ from those with the authors' positions (min_step 0)
+    spaced, dense = esd.FarmsSampling(32, 1.0, 15, min_step=0.5), esd.FarmsSampling(32, 1.0, 15, min_step=0.0)
+    got = sharded.module_metrics([(str(i), d) for i, d in enumerate(dts)], estimator="farms", farms=spaced)
+    want = esd.module_metrics([(str(i), w) for i, w in enumerate(whole)], estimator="farms", farms=spaced)
+    authors = esd.module_metrics([(str(i), w) for i, w in enumerate(whole)], estimator="farms", farms=dense)
+    check("farms min_step", max(_rel(got[n]["alpha"], want[n]["alpha"]) for n in want) <= 1e-5
+          and got["1"]["alpha"] != authors["1"]["alpha"],
+          (got["1"]["alpha"], want["1"]["alpha"], authors["1"]["alpha"]))
+
+    # a NaN weight gives a row of NaN, on either route and with either estimator, and the other rows are as before:
+    # a NaN in rank 0's shard of a Gram-route weight (176 x 64), in rank 1's of a gather-route one (64 x 176)
+    poisoned = [w.clone() for w in whole]
+    poisoned[1][0, 0] = math.nan
+    poisoned[2][-1, 5] = math.inf
+    nan_dts = [distribute_tensor(w, mesh, [Shard(0)]) for w in poisoned]
+    for estimator in ("full", "farms"):
+        got = sharded.module_metrics([(str(i), d) for i, d in enumerate(nan_dts)], estimator=estimator, farms=farms)
+        want = esd.module_metrics([(str(i), w) for i, w in enumerate(whole)], estimator=estimator, farms=farms)
+        nan_rows = all(math.isnan(got[n][k]) for n in ("1", "2") for k in esd.METRIC_KEYS if k != "num_eigs")
+        others = max(_rel(got[n]["alpha"], want[n]["alpha"]) for n in want if n not in ("1", "2"))
+        check(f"nan weight {estimator}", nan_rows and others <= 1e-5, (got["1"], got["2"], others))
+
+    # an error on one rank's share (rank 1's eigvalsh) reaches every rank, without a hang: rank 1 raises its own,
+    # rank 0 one that names rank 1; the next pass works again
+    real_eigvalsh = torch.linalg.eigvalsh
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    if rank == 1:
+        torch.linalg.eigvalsh = broken
+    try:
+        sharded.module_metrics([(str(i), d) for i, d in enumerate(dts)])
+        raised = "nothing"
+    except RuntimeError as err:
+        raised = str(err)
+    finally:
+        torch.linalg.eigvalsh = real_eigvalsh
+    expected = "out of memory (simulated)" if rank == 1 else "the sharded spectral pass failed on rank(s) 1 of"
+    again = sharded.module_metrics([(str(i), d) for i, d in enumerate(dts)])
+    check("an error reaches every rank", raised.startswith(expected) and set(again) == set(map(str, range(7))),
+          raised)
+
     # norms: the local shard's norm is not the tensor's (the .item() trap); tensor_norms gives the tensor's
     naive = torch.linalg.vector_norm(dts[3]).to_local().item()
     full = [float(w.double().norm()) for w in whole]
@@ -112,9 +157,57 @@ def checks(out_dir: str) -> None:
     fully_shard(linear, mesh=mesh)
     check("fsdp weights are row-sharded", sharded.is_row_sharded(module_matrix(linear)), type(linear.weight))
 
+    checkpoint_checks(out_dir, check)
+
     with open(os.path.join(out_dir, f"checks-{rank}.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     dist.barrier()
+
+
+def checkpoint_checks(out_dir: str, check) -> None:
+    """Sharded checkpoints with two writers: a real I/O error on rank 1 only (RLIMIT_FSIZE: its DCP shard cannot
+    be written) stops both ranks with the one-paragraph RunFault and leaves nothing behind; the next save is whole
+    and its manifest covers both ranks' shards."""
+    import resource
+    import signal
+
+    from alphadecay import checkpoint, parallel, sharded_checkpoint
+    from alphadecay.errors import RunFault
+    from alphadecay.model import build_model, load_model_config
+
+    rank = dist.get_rank()
+    run_dir = os.path.join(out_dir, "save")
+    if rank == 0:
+        os.makedirs(run_dir)
+    dist.barrier()
+    model = build_model(load_model_config(os.path.join(REPO, "configs", "llama_1m.json")), seed=0)
+    parallel.fully_shard_llama(model, torch.device("cpu"), chunk_tokens=0, reduce_dtype=torch.float32, compile=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state = {"step": 1, "world_size": 2}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+    if rank == 1:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+    try:
+        sharded_checkpoint.save(run_dir, 1, model, optimizer, state, full_model=False)
+        message = "no error"
+    except RunFault as err:
+        message = str(err)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    dist.barrier()
+    check("a failed shard write stops every rank",
+          message.startswith(f"the checkpoint {run_dir}/model_1 could not be written (File too large [errno 27])")
+          and "The partial write was removed" in message and os.listdir(run_dir) == [], (message, os.listdir(run_dir)))
+    path = sharded_checkpoint.save(run_dir, 1, model, optimizer, state, full_model=False)
+    dist.barrier()
+    with open(os.path.join(path, checkpoint.MANIFEST)) as fh:
+        listed = json.load(fh)["files"]
+    expected = {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "config.json", checkpoint.STATE_FILE}
+    check("the manifest covers every writer's shards",
+          expected <= set(listed) and checkpoint.verify_checkpoint(path) == checkpoint.Verdict(True, True)
+          and os.listdir(run_dir) == ["model_1"], (sorted(listed), os.listdir(run_dir)))
 
 
 def _rel(a: float, b: float) -> float:

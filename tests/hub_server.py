@@ -18,6 +18,11 @@ answered 404 and recorded in `unhandled`, so a test can assert that the clients 
 (`/api/agent-harnesses`, huggingface_hub's telemetry registry, is answered 404 as an ignorable extra). Olah 0.5.4,
 a self-hosted hub mirror, was tried first: offline it answers 401 to `/api/{type}/{repo}` without a revision and to
 a missing file, which stops `HfFileSystem.glob` and `AutoTokenizer.from_pretrained`.
+
+Faults, for the tests of a flaky hub (`hub.fail`, `hub.drop`): the next N requests whose path matches a regular
+expression are answered with an HTTP status (503: the hub overloaded) or, for file reads, cut after a number of
+body bytes by closing the connection (a connection dropped mid-shard). `hub.faults_served` counts the faults
+answered; `hub.clear_faults()` ends them all.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import hashlib
 import json
 import os
 import re
+import socket
 import threading
 import urllib.parse
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 IGNORED = ("/api/agent-harnesses",)
@@ -77,13 +84,29 @@ class Repo:
                 "siblings": [{"rfilename": f} for f in self.files]}
 
 
+@dataclass
+class Fault:
+    """After letting `skip` matching requests through, answer the next `count` requests matching `pattern` with
+    `status` (and `Retry-After: 0`, so the clients' own backoff is short), or (status None) send `after_bytes` bytes
+    of a file's body and close the connection."""
+
+    pattern: str
+    count: int
+    status: int | None = 503
+    after_bytes: int = 0
+    skip: int = 0
+
+
 class LocalHub:
     """`with LocalHub({("datasets", "org/c4"): "data/c4_sample"}) as hub:` then set HF_ENDPOINT=hub.endpoint."""
 
     def __init__(self, repos: dict[tuple[str, str], str]):
         self.repos = {(kind, repo_id): Repo(kind, repo_id, root) for (kind, repo_id), root in repos.items()}
-        self.requests: list[str] = []  # "METHOD /path" of every request, in order
+        self.requests: list[str] = []  # "METHOD /path [Range]" of every request, in order
         self.unhandled: list[str] = []
+        self.faults: list[Fault] = []
+        self.faults_served = 0
+        self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -100,6 +123,36 @@ class LocalHub:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
+
+    # -- faults ------------------------------------------------------------------------------------------------
+    def fail(self, count: int, status: int = 503, pattern: str = r"/resolve/", skip: int = 0) -> None:
+        """The next `count` requests whose path matches `pattern` (default: file reads), after `skip` of them, are
+        answered `status`. Faults queue: a request takes the first unexhausted one it matches."""
+        with self._lock:
+            self.faults.append(Fault(pattern, count, status=status, skip=skip))
+
+    def drop(self, count: int, after_bytes: int, pattern: str = r"/resolve/", skip: int = 0) -> None:
+        """The next `count` file reads matching `pattern`, after `skip` of them, send `after_bytes` bytes of the body,
+        then the connection closes (the headers announce the whole length: the client sees a stream broken
+        mid-file)."""
+        with self._lock:
+            self.faults.append(Fault(pattern, count, status=None, after_bytes=after_bytes, skip=skip))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _take_fault(self, method: str, raw: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.count > 0 and re.search(fault.pattern, raw) and (fault.status is not None or method == "GET"):
+                    if fault.skip > 0:
+                        fault.skip -= 1
+                        return None
+                    fault.count -= 1
+                    self.faults_served += 1
+                    return fault
+        return None
 
     def _handler(self):
         hub = self
@@ -126,8 +179,16 @@ class LocalHub:
                     self.send_header(key, str(value))
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+                if head:
+                    return
+                fault = getattr(self, "_fault", None)
+                if fault is not None and fault.status is None and status in (200, 206):  # drop mid-body
+                    self.wfile.write(body[:fault.after_bytes])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(body)
 
             def _json(self, obj, head: bool = False, headers: dict | None = None) -> None:
                 self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})},
@@ -153,11 +214,15 @@ class LocalHub:
             def _route(self, method: str) -> None:
                 url = urllib.parse.urlsplit(self.path)
                 raw, query = url.path, urllib.parse.parse_qs(url.query)
-                hub.requests.append(f"{method} {raw}")
+                ranged = self.headers.get("Range")
+                hub.requests.append(f"{method} {raw}" + (f" [{ranged}]" if ranged else ""))
                 head = method == "HEAD"
                 body = b""
                 if "Content-Length" in self.headers:
                     body = self.rfile.read(int(self.headers["Content-Length"]))
+                self._fault = hub._take_fault(method, raw)
+                if self._fault is not None and self._fault.status is not None:
+                    return self._send(self._fault.status, b"injected fault", {"Retry-After": "0"}, head=head)
                 repo_part = r"(?P<repo>[^/]+/[^/]+)"
                 if m := re.fullmatch(rf"/api/(?P<kind>models|datasets)/{repo_part}(/revision/(?P<rev>[^/]+))?", raw):
                     if method in ("GET", "HEAD") and (repo := self._repo(m["kind"], m["repo"], m["rev"], head)):

@@ -36,8 +36,8 @@ def losses_of_updates(compiled: bool, chunk: int, updates: int = 5) -> list[floa
     ids = torch.randint(3, 8000, (4, 64), generator=torch.Generator().manual_seed(0))
     losses = []
     for step in range(updates):  # the same rows each time, so that the loss falls
-        loss_sum, targets, _, _, _ = trainer.train_step([{"input_ids": ids, "labels": ids}])
-        losses.append(loss_sum.item() / targets)
+        outcome = trainer.train_step([{"input_ids": ids, "labels": ids}])
+        losses.append(outcome.loss_sum / outcome.counts[0])
     return losses
 
 
@@ -73,18 +73,18 @@ def test_checkpoints_of_compiled_runs_resume_without_compile_and_back(tmp_path):
         assert [tail[s] for s in (3, 4)] == pytest.approx([full[s] for s in (3, 4)], abs=1e-4, rel=0)
 
 
-def one_update_with_gradient_sized_steps(micro, info, compiled):
+def one_update_with_gradient_sized_steps(micro, info, compiled, chunk=0):
     """Parameters after one AdamW update with eps 1, i.e. a step of about lr * g: HF's float64 model runs its norms
     and rotary embeddings in float32, so compiled gradients differ from eager ones at the 1e-7 level, and the
     default eps would turn that into sign flips, g / (|g| + 1e-8), on gradients near zero."""
     config, _ = parse_args(["--optimizer", "adamw", "--weight_decay", "0.1", "--lr", "1e-2", "--adam_eps", "1",
-                            "--model_config", TINY_CONFIG])
+                            "--model_config", TINY_CONFIG, "--loss_chunk_tokens", str(chunk)])
     raw = build_model(load_model_config(TINY_CONFIG), seed=0).double()
     optimizer = build_optimizer(module_param_groups(raw, 0.1), config, info.device)
     trainer = Trainer.for_updates(config, info, wrap_model(raw, config, info, compile=compiled), optimizer,
                                   raw_model=raw)
-    loss_sum, targets, _, _, _ = trainer.train_step(micro)
-    loss = dist.all_reduce_sum(loss_sum.double().clone()).item() / targets
+    outcome = trainer.train_step(micro)
+    loss = outcome.loss_sum / outcome.counts[0]  # summed over ranks
     return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}
 
 
@@ -96,24 +96,31 @@ def _compiled_ddp_worker(rank, port, out):
     mine = slice(4 * rank, 4 * rank + 4)
     micro = [{"input_ids": input_ids[mine][i:i + 2], "labels": labels[mine][i:i + 2]} for i in (0, 2)]
     info = dist.DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
-    loss, params = one_update_with_gradient_sized_steps(micro, info, compiled=True)
-    torch.save({"loss": loss, "params": params}, os.path.join(out, f"rank{rank}.pt"))
+    for chunk in DDP_CHUNKS:
+        torch._dynamo.reset()
+        loss, params = one_update_with_gradient_sized_steps(micro, info, compiled=True, chunk=chunk)
+        torch.save({"loss": loss, "params": params}, os.path.join(out, f"rank{rank}-chunk{chunk}.pt"))
     torch_dist.destroy_process_group()
+
+
+DDP_CHUNKS = (0, 20)  # the full loss, and the chunked one: 48 tokens per micro-batch = chunks of 20, 20 and 8
 
 
 @pytest.mark.slow
 def test_compiled_ddp_with_accumulation_equals_one_eager_process(tmp_path):
     """DDP around the compiled module (dynamo's DDPOptimizer splits the graph at DDP's buckets), no_sync on the
-    first of two micro-batches: the update equals one eager process on the same global batch."""
+    first of two micro-batches, with the full and the chunked loss (whose custom autograd Function is traced into
+    the graph): the update equals one eager process with the full loss on the same global batch."""
     mp.spawn(_compiled_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     input_ids, labels = make_rows()
     loss, params = one_update_with_gradient_sized_steps([{"input_ids": input_ids, "labels": labels}], CPU1,
                                                         compiled=False)
     for rank in (0, 1):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        assert result["loss"] == pytest.approx(loss, rel=1e-6)
-        for key, value in params.items():  # a step moves a parameter by up to ~1e-2 x 4 (the largest gradients)
-            torch.testing.assert_close(result["params"][key], value, rtol=0, atol=1e-7, msg=key)
+        for chunk in DDP_CHUNKS:
+            result = torch.load(tmp_path / f"rank{rank}-chunk{chunk}.pt")
+            assert result["loss"] == pytest.approx(loss, rel=1e-6)
+            for key, value in params.items():  # a step moves a parameter by up to ~1e-2 x 4 (the largest gradients)
+                torch.testing.assert_close(result["params"][key], value, rtol=0, atol=1e-7, msg=(key, chunk))
 
 
 def test_compile_auto_is_off_on_cpu_and_a_missing_compiler_is_a_clear_error(monkeypatch):

@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import threading
 import time
 from collections import Counter
 
@@ -198,3 +199,33 @@ def test_sentinel_tokens_beyond_the_vocabulary_are_allowed_but_never_produced():
     spec = data.RowSpec.from_tokenizer(tok, 64, packing=False)
     ids = data.encode_documents(tok, ["a literal <extra_id_0> in the text"], spec)[0]
     assert max(ids) < 8000
+
+
+def batches_and_states(n=3):
+    for i in range(n):
+        yield {"input_ids": torch.full((2, 4), i), "labels": torch.full((2, 4), -i)}, {"rows": i}
+
+
+def test_the_prefetcher_pins_the_tensors_for_a_cuda_device_only(monkeypatch):
+    """CPU: the source's items unchanged. CUDA: every tensor of every item goes through pin_memory (checked for real
+    in tests/test_gpu.py; CPU-only torch cannot pin, so pin_memory is replaced by a recording clone here)."""
+    cpu = data.Prefetcher(batches_and_states(), device=torch.device("cpu"))
+    assert not cpu.pin_memory and not data.Prefetcher(iter(()), device=None).pin_memory
+    assert [s for _, s in cpu] == [{"rows": 0}, {"rows": 1}, {"rows": 2}]
+    pinned = []
+
+    def pin_memory(tensor):
+        pinned.append(tensor.clone())
+        return pinned[-1]
+
+    current = []  # the producer thread's GPU: the run's, not GPU 0
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append((device, threading.get_ident())))
+    gpu = data.Prefetcher(batches_and_states(), device=torch.device("cuda", 1))
+    got = list(gpu)
+    assert current == [(torch.device("cuda", 1), gpu._thread.ident)]
+    assert gpu.pin_memory and len(pinned) == 6
+    assert all(b["input_ids"] is pinned[2 * i] and b["labels"] is pinned[2 * i + 1] for i, (b, _) in enumerate(got))
+    expected = list(batches_and_states())
+    assert all(torch.equal(b["input_ids"], e["input_ids"]) and torch.equal(b["labels"], e["labels"]) and s == es
+               for (b, s), (e, es) in zip(got, expected))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from alphadecay import esd
+from alphadecay.esd import spectral
 from tests.conftest import free_port
 
 SHAPES = [(64, 64), (176, 64), (64, 176), (256, 96)]
@@ -186,6 +188,43 @@ def test_bfloat16_weights_and_chunking():
         torch.testing.assert_close(e, exact_eigs(w.float()), rtol=0, atol=1e-5 * e[-1].item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_blocked_gram_writes_every_entry(dtype):
+    """N >= 512 takes the blocked path (products for the upper block rows, copies below): every entry of the
+    output buffer is overwritten with aᵀa, none left as it was (NaN here, garbage from torch.empty in use)."""
+    from alphadecay.esd.spectral import _gram
+
+    for n, m in ((700, 512), (1100, 515)):
+        a = (torch.randn(n, m, generator=gen(n + m), dtype=torch.float64) * 0.02).to(dtype)
+        out = torch.full((m, m), math.nan, dtype=dtype)
+        _gram(a, out)
+        exact = a.double().T @ a.double()
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), exact, rtol=0, atol=(1e-5 if dtype == torch.float32 else 1e-13)
+                                   * exact.abs().max().item())
+
+
+def test_non_finite_weights_give_nan_rows_and_never_raise():
+    """A NaN or an infinity anywhere in a weight: that weight's eigenvalues and every metric are NaN (eigvalsh
+    itself raises on such input), the other weights' are those of a pass without it, in one batch or alone."""
+    clean = named_weights()
+    bad = {"nan": torch.randn(176, 64, generator=gen(95)) * 0.02, "inf": torch.randn(64, 176, generator=gen(96)) * 0.02}
+    bad["nan"][3, 5], bad["inf"][60, 1] = math.nan, math.inf
+    named = clean[:3] + [("nan", bad["nan"])] + clean[3:] + [("inf", bad["inf"])]
+    for gram_dtype in (None, torch.float32, torch.float64):
+        eigs = dict(zip([n for n, _ in named], esd.eigenvalues([w for _, w in named], gram_dtype=gram_dtype)))
+        assert torch.isnan(eigs["nan"]).all() and torch.isnan(eigs["inf"]).all()
+        assert all(torch.isfinite(eigs[n]).all() for n, _ in clean)
+    expected = esd.module_metrics(clean)
+    for estimator in esd.ESD_ESTIMATORS:  # (every fit method gives NaN for a NaN row: test_invalid_spectra_...)
+        got = esd.module_metrics(named, estimator=estimator, farms=esd.FarmsSampling(48, 1.0, 3))
+        for name in bad:
+            assert all(math.isnan(got[name][k]) for k in esd.METRIC_KEYS if k != "num_eigs"), (name, got[name])
+            assert got[name]["num_eigs"] == 64
+        if estimator == "full":
+            assert all(got[n] == pytest.approx(expected[n], rel=1e-12, nan_ok=True) for n, _ in clean)
+
+
 def test_cpu_worker_threads_restore_the_thread_count():
     threads = torch.get_num_threads()
     esd.eigenvalues(random_init_weights())
@@ -261,21 +300,50 @@ def test_assign_owners_is_greedy_largest_first():
     assert abs(loads[0] - loads[1]) <= max(costs)
 
 
+def with_a_nan_weight() -> list[tuple[str, torch.Tensor]]:
+    """named_weights() and a NaN-poisoned copy of the largest one (so that both ranks own modules)."""
+    named = named_weights()
+    poisoned = named[3][1].clone()
+    poisoned[0, 0] = math.nan
+    return named + [("poisoned", poisoned)]
+
+
+def _out_of_memory(*args, **kwargs):
+    raise MemoryError("rank 1 ran out")
+
+
 def _sharded_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
-        torch.save(esd.module_metrics(named_weights()), os.path.join(out, f"rank{rank}.pt"))
+        result = {"metrics": esd.module_metrics(with_a_nan_weight())}
+        # an error on one rank (here: rank 1's share raises, as out-of-memory would) reaches every rank
+        real = spectral._metric_rows
+        if rank == 1:
+            spectral._metric_rows = _out_of_memory
+        try:
+            esd.module_metrics(named_weights())
+        except (MemoryError, RuntimeError) as err:
+            result["error"] = f"{type(err).__name__}: {err}"
+        finally:
+            spectral._metric_rows = real
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch_dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_return_identical_dicts_equal_to_one_process(tmp_path):
+    """Also: a NaN weight is a NaN row on every rank, and an error on one rank is an error on all (no rank is
+    left waiting in the gather)."""
     mp.spawn(_sharded_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     single = esd.module_metrics(named_weights())
-    assert list(rank0) == list(single)
+    assert list(rank0["metrics"]) == list(single) + ["poisoned"]
     for name in single:
-        assert all(same(rank0[name][k], rank1[name][k], 0) for k in esd.METRIC_KEYS)  # bit-identical across ranks
-        assert all(same(rank0[name][k], single[name][k], 1e-6) for k in esd.METRIC_KEYS), name
+        assert all(same(rank0["metrics"][name][k], rank1["metrics"][name][k], 0) for k in esd.METRIC_KEYS)
+        assert all(same(rank0["metrics"][name][k], single[name][k], 1e-6) for k in esd.METRIC_KEYS), name
+    assert all(math.isnan(r["metrics"]["poisoned"]["alpha"]) for r in (rank0, rank1))
+    assert rank1["error"] == "MemoryError: rank 1 ran out"
+    assert rank0["error"].startswith("RuntimeError: the spectral pass failed on rank(s) 1 ")

@@ -1,6 +1,7 @@
 """`python -m alphadecay.esd PATH`: the per-module spectral table and the decays AlphaDecay would assign."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -54,3 +55,22 @@ def test_module_entry_point_and_bad_path(saved_model, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "alphadecay.esd", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_a_nan_weight_is_reported_as_nan_and_the_others_as_usual(saved_model, tmp_path):
+    """`python -m alphadecay.esd` on a model with a NaN weight: that module's row is NaN and keeps the base decay
+    (the maps leave NaN metrics out), every other row is the clean model's."""
+    path, model = saved_model
+    poisoned = build_model(load_model_config(TINY_CONFIG), seed=0)
+    poisoned.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        poisoned.model.layers[1].mlp.up_proj.weight[2, 3] = float("nan")
+    poisoned.save_pretrained(tmp_path / "poisoned")
+    rows = {}
+    for name, source in (("clean", path), ("poisoned", tmp_path / "poisoned")):
+        assert main([str(source), "--json", str(tmp_path / f"{name}.json")]) == 0
+        rows[name] = {r["name"]: r for r in json.loads((tmp_path / f"{name}.json").read_text())["modules"]}
+    bad = rows["poisoned"].pop("model.layers.1.mlp.up_proj")
+    assert all(math.isnan(bad[k]) for k in ("alpha", "D", "sigma_max", "stable_rank")) and bad["weight_decay"] == 0.1
+    clean_alphas = {n: r["alpha"] for n, r in rows["clean"].items() if n != "model.layers.1.mlp.up_proj"}
+    assert {n: r["alpha"] for n, r in rows["poisoned"].items()} == clean_alphas

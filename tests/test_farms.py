@@ -51,9 +51,48 @@ def our_windows(rows: int, cols: int, sampling: esd.FarmsSampling) -> list[tuple
                                                     ((4096, 4096), 2000, 15), ((300, 200), 64, 4),
                                                     ((200, 300), 100, 9), ((2048, 2048), 2000, 15)])
 def test_square_window_positions_are_the_authors(shape, window, per_dim):
-    ours = our_windows(*shape, esd.FarmsSampling(window, 1.0, per_dim))
+    """min_step 0: the authors' positions, all distinct (no window is pooled twice)."""
+    ours = our_windows(*shape, esd.FarmsSampling(window, 1.0, per_dim, min_step=0))
     assert sorted(ours) == sorted(authors_windows(*shape, window, 1.0, per_dim))
     assert len(set(ours)) == len(ours)
+
+
+# The square and MLP shapes of the paper's LLaMA 60M-1B, of the authors' LLaMA-7B/13B runs and of DeiT-tiny.
+MODEL_SHAPES = [(512, 512), (1376, 512), (512, 1376), (768, 768), (2048, 768), (1024, 1024), (2736, 1024),
+                (2048, 2048), (5461, 2048), (2048, 5461), (4096, 4096), (11008, 4096), (5120, 5120), (13824, 5120),
+                (576, 192), (768, 192), (192, 768)]
+
+
+def test_the_default_min_step_keeps_the_authors_positions_except_where_they_nearly_repeat():
+    """At every model shape but llama_1b's the default positions are the authors'. Along 1B's 2048-wide sides the
+    authors' 15 positions of a 2000-wide window are 3 apart (any two windows share >= 97.9% of their rows): the
+    default keeps one (offset 0), 225 -> 1 window for a 2048² matrix and 225 -> 15 for 5461×2048."""
+    authors, default = esd.FarmsSampling(min_step=0), esd.FarmsSampling()
+    assert default.min_step == 0.05 and (default.window, default.aspect_ratio, default.per_dim) == (2000, 1.0, 15)
+    for shape in MODEL_SHAPES:
+        ours, theirs = esd.farms_windows(shape, default), esd.farms_windows(shape, authors)
+        if shape not in ((2048, 2048), (5461, 2048), (2048, 5461)):
+            assert ours == theirs, shape
+    assert esd.farms_windows((2048, 2048), authors) == ((2000, 2000), list(range(0, 43, 3)), list(range(0, 43, 3)))
+    assert esd.farms_windows((2048, 2048), default) == ((2000, 2000), [0], [0])
+    long_offsets = list(range(0, 3459, 247))
+    assert esd.farms_windows((5461, 2048), default) == ((2000, 2000), long_offsets, [0])
+    assert esd.farms_windows((2048, 5461), default) == ((2000, 2000), long_offsets, [0])
+    # the rule itself: neighbours >= ceil(min_step * window side) apart, as many as fit, from offset 0
+    sampling = esd.FarmsSampling(100, 1.0, 9, min_step=0.25)
+    assert esd.farms_windows((160, 110), sampling) == ((100, 100), [0, 25, 50], [0])  # authors': step 7 and 1
+    assert esd.farms_windows((500, 110), sampling)[1] == list(range(0, 401, 50))  # the authors' step 50 >= 25
+
+
+def test_min_step_drops_windows_not_precision():
+    """Fewer windows, same sampling otherwise: the pooled ESD is the kept windows' own spectra."""
+    w = torch.randn(200, 130, generator=gen(5)) * 0.02
+    sampling = esd.FarmsSampling(120, 1.0, 6, min_step=0.2)
+    (long, short), lo, so = esd.farms_windows(w.shape, sampling)
+    assert (long, short, lo, so) == (120, 120, [0, 24, 48, 72], [0])  # authors': [0, 16, ..., 80] x [0, 1, ..., 5]
+    pooled = esd.farms_eigenvalues([w], sampling)[0]
+    windows = torch.sort(torch.cat([exact_eigs(w[r:r + 120, :120]) for r in lo])).values
+    torch.testing.assert_close(pooled, windows, rtol=0, atol=1e-5 * windows[-1].item())
 
 
 def test_windows_fit_the_matrix_and_keep_their_aspect_ratio():
@@ -69,7 +108,8 @@ def test_windows_fit_the_matrix_and_keep_their_aspect_ratio():
     assert esd.farms_windows((100, 150), esd.FarmsSampling(100, 2.0, 10))[0] == (150, 75)
 
 
-@pytest.mark.parametrize("bad", [dict(window=0), dict(per_dim=0), dict(aspect_ratio=0.5), dict(aspect_ratio=math.nan)])
+@pytest.mark.parametrize("bad", [dict(window=0), dict(per_dim=0), dict(aspect_ratio=0.5), dict(aspect_ratio=math.nan),
+                                 dict(min_step=-0.1), dict(min_step=math.nan), dict(min_step=math.inf)])
 def test_bad_sampling_is_refused(bad):
     with pytest.raises(ValueError):
         esd.FarmsSampling(**bad)
@@ -176,22 +216,23 @@ def test_fitted_xmin_recovers_each_fits_xmin():
 
 def test_the_config_flags_reach_the_module_wise_pass(tmp_path):
     config, _ = parse_args(train_args(tmp_path, wd_scheduler="alphadecay", esd_estimator="farms", farms_window=32,
-                                      farms_windows_per_dim=3))
+                                      farms_windows_per_dim=3, farms_min_step=0.5))
     model = build_model(load_model_config(TINY_CONFIG), seed=0)
     groups = module_param_groups(model, config.weight_decay)
     decay = from_flags(config, model, torch.optim.AdamW(groups, lr=1e-3)).rule
     update = decay.step(0, model)
     modules = dict(model.named_modules())
     expected = esd.module_metrics([(n, modules[n].weight) for n in decay.modules], estimator="farms",
-                                  farms=esd.FarmsSampling(32, 1.0, 3))
+                                  farms=esd.FarmsSampling(32, 1.0, 3, 0.5))
     full = esd.module_metrics([(n, modules[n].weight) for n in decay.modules])
     for name in decay.modules:
         assert update.metrics[f"alpha/{name}"] == expected[name]["alpha"]
         assert update.metrics[f"alpha/{name}"] != full[name]["alpha"]
     default, _ = parse_args(train_args(tmp_path))
-    assert (default.esd_estimator, default.farms_window, default.farms_aspect_ratio, default.farms_windows_per_dim) \
-        == ("full", 2000, 1.0, 15)
-    for flag, value in (("farms_aspect_ratio", 0.5), ("farms_window", 0), ("farms_windows_per_dim", 0)):
+    assert (default.esd_estimator, default.farms_window, default.farms_aspect_ratio, default.farms_windows_per_dim,
+            default.farms_min_step) == ("full", 2000, 1.0, 15, 0.05)
+    for flag, value in (("farms_aspect_ratio", 0.5), ("farms_window", 0), ("farms_windows_per_dim", 0),
+                        ("farms_min_step", -1)):
         with pytest.raises(UserError, match="farms"):
             parse_args(train_args(tmp_path, **{flag: value}))
     with pytest.raises(UserError, match="esd_estimator"):

@@ -1,6 +1,8 @@
 """--parallelism fsdp (FSDP2) on CPU with 2 gloo processes: the same training as one process for every weight-decay
-method, the sharded pieces against whole tensors, DCP checkpoints that resume on 1 process, under DDP and under
-FSDP, and a DDP checkpoint that resumes under FSDP.
+method, the sharded pieces against whole tensors (the spectral pass with NaN weights and an error on one rank,
+a shard write failing on one rank), DCP checkpoints that verify (a manifest over both writers' files) and resume
+on 1 process, under DDP and under FSDP (past a damaged newer checkpoint), and a DDP checkpoint that resumes under
+FSDP.
 
 One module fixture runs everything (process start-up dominates on 2 cores): the one-process references, one
 torchrun launch of tests/fsdp_worker.py (the sharded-tensor checks, the four FSDP runs, two resumes), then the
@@ -10,11 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
 
 import pytest
 import torch
 
+from alphadecay import checkpoint as ckpt
 from alphadecay import sharded_checkpoint
 from alphadecay.esd import sharded
 from tests.conftest import REPO, by_step, free_port, pretokenize_dir, read_metrics, run_main, run_subprocess, train_args
@@ -59,11 +64,19 @@ def runs(tmp_path_factory):
     worker = [f"--master_port={free_port()}", str(REPO / "tests" / "fsdp_worker.py"), str(root / "plan.json")]
     done = run_subprocess([], launcher=TORCHRUN + worker, env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    # the FSDP checkpoint on one process: plain (DDP layout), and FSDP over a mesh of one
-    for name, extra in (("one-from-fsdp", {}), ("fsdp1-from-fsdp", {"parallelism": "fsdp"})):
-        out[name] = root / name
-        assert run_main(flags(out[name], rows, "alphadecay", batch_size=8,
-                              continue_from=out["fsdp-alphadecay"] / "model_3", **extra)) == 0
+    # the FSDP checkpoint on one process: plain (DDP layout), and FSDP over a mesh of one, the latter given the run
+    # directory whose newest checkpoint (model_6) lost the end of rank 1's shard: it resumes from model_3, which
+    # verifies, replaces model_6 and deletes model_3 (--keep_checkpoints 1)
+    out["one-from-fsdp"] = root / "one-from-fsdp"
+    assert run_main(flags(out["one-from-fsdp"], rows, "alphadecay", batch_size=8,
+                          continue_from=out["fsdp-alphadecay"] / "model_3")) == 0
+    damaged = out["fsdp1-from-fsdp"] = root / "fsdp1-from-fsdp"
+    for step in (3, 6):
+        shutil.copytree(out["fsdp-alphadecay"] / f"model_{step}", damaged / f"model_{step}")
+    shard = damaged / "model_6" / "dcp" / "__1_0.distcp"
+    os.truncate(shard, shard.stat().st_size - 1)
+    assert run_main(flags(damaged, rows, "alphadecay", batch_size=8, continue_from=damaged, parallelism="fsdp",
+                          keep_checkpoints=1)) == 0
     out["rows"], out["checks"] = rows, root / "checks"
     return out
 
@@ -110,11 +123,12 @@ def test_two_fsdp_processes_train_as_one_process(runs, method):
 
 @pytest.mark.slow
 def test_the_sharded_pieces_equal_whole_tensors(runs):
-    """Gram route against full eigenvalues, the gather, the spectral pass (uneven shards), norms and the
-    DTensor .item() trap, clipping (tests/fsdp_worker.py `checks`), on both ranks."""
+    """Gram route against full eigenvalues, the gather, the spectral pass (uneven shards; FARMS' min_step; a NaN
+    weight gives a NaN row; an error on one rank raises on both), norms and the DTensor .item() trap, clipping
+    (tests/fsdp_worker.py `checks`), on both ranks."""
     for rank in (0, 1):
         results = json.loads((runs["checks"] / f"checks-{rank}.json").read_text())
-        assert len(results) == 13
+        assert len(results) == 19
         failed = {name: detail for name, (passed, detail) in results.items() if not passed}
         assert not failed, (rank, failed)
 
@@ -125,6 +139,12 @@ def test_an_fsdp_checkpoint_resumes_on_one_process_and_under_ddp(runs, resumed):
     checkpoint = runs["fsdp-alphadecay"] / "model_3"
     assert sorted(p.name for p in (checkpoint / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (checkpoint / "model.safetensors").exists()  # only the final checkpoint is also save_pretrained
+    manifest = json.loads((checkpoint / ckpt.MANIFEST).read_text())["files"]  # over both writers' files
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "config.json", ckpt.STATE_FILE} <= set(manifest)
+    assert ckpt.verify_checkpoint(str(checkpoint)) == ckpt.Verdict(True, True)
+    if resumed == "fsdp1-from-fsdp":  # past the damaged model_6, which it rewrote; model_3 pruned
+        assert sorted(p.name for p in runs[resumed].iterdir() if p.name.startswith(("model_", "."))) == ["model_6"]
+        assert ckpt.verify_checkpoint(str(runs[resumed] / "model_6")) == ckpt.Verdict(True, True)
     state = sharded_checkpoint.load_training_state(checkpoint)
     assert state["format"] == "dcp" and "optimizer" not in state and state["step"] == 3
     assert sorted(by_step(read_metrics(runs[resumed]), "loss")) == [4, 5, 6]

@@ -96,8 +96,7 @@ def logged_metrics(device: torch.device, argv=()) -> dict:
     optimizer = build_optimizer(module_param_groups(raw, 0.0), config, torch.device("cpu"))
     trainer = Trainer.for_updates(config, dist.DistInfo(0, 0, 2, device), raw, optimizer)
     trainer.logger = ListLogger()
-    window = {"loss": torch.tensor(40.0, dtype=torch.float64), "targets": 10, "tokens": 3000, "positions": 2048,
-              "time": 0.5}
+    window = {"loss": 40.0, "targets": 10, "tokens": 3000, "positions": 2048, "time": 0.5, "grad_norm": 1.0}
     with tqdm(disable=True) as bar:
         trainer._log_train(window, 1e-3, bar, {})
     return trainer.logger.records[-1]

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +15,15 @@ import torch.multiprocessing as mp
 from transformers import LlamaForCausalLM
 
 from alphadecay import dist
+from alphadecay.checkpoint import load_checkpoint
 from alphadecay.config import parse_args
 from alphadecay.data import IGNORE_INDEX
-from alphadecay.loss import CausalLMLoss
 from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
-from alphadecay.wd.groups import module_param_groups
+from alphadecay import wd
+from alphadecay.run import wrap_model
 from alphadecay.trainer import StopFlag, Trainer
+from alphadecay.wd.groups import module_param_groups
 from tests.conftest import (REPO, TINY_CONFIG, by_step, free_port, read_metrics, run_main, run_subprocess,
                             train_args)
 
@@ -66,6 +69,21 @@ def test_resume_continues_exactly_as_if_never_stopped(reference_run, tmp_path):
     after = LlamaForCausalLM.from_pretrained(tmp_path / "model_8").state_dict()
     before = LlamaForCausalLM.from_pretrained(reference_run / "model_8").state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_the_training_state_is_memory_mapped_and_never_written(reference_run, tmp_path):
+    """load_checkpoint maps training_state.pt instead of reading it into the process (one page-cache copy for all
+    the ranks of a node), on the device it is given; the optimizer's in-place updates must not reach the file."""
+    shutil.copytree(reference_run / "model_4", tmp_path / "model_4")
+    path = tmp_path / "model_4" / "training_state.pt"
+    before = path.read_bytes()
+    weights, saved = load_checkpoint(str(tmp_path / "model_4"), torch.device("cpu"))
+    assert str(path) in Path("/proc/self/maps").read_text()
+    assert {w.device.type for w in weights.values()} == {"cpu"}
+    exp_avg = saved["optimizer"]["state"][0]["exp_avg"]
+    exp_avg.add_(1.0)
+    del weights, saved, exp_avg
+    assert path.read_bytes() == before
 
 
 def test_stop_flag_keeps_sigterm_and_passes_a_second_sigint_on():
@@ -123,16 +141,21 @@ def make_rows(seed=0, rows=8, length=24):
     return input_ids, labels
 
 
-def one_update(micro_batches, info, ddp=False, optimizer_name="adamw"):
+def one_update(micro_batches, info, optimizer_name="adamw", updates=1, awd=False):
+    """The loss of the last of `updates` updates on the same batch, the parameters after them, and the module the
+    trainer ran (DDP through dist.ddp over several processes). With `awd`, AWD reads every gradient before each
+    optimizer step."""
     config, _ = parse_args(["--optimizer", optimizer_name, "--weight_decay", "0.1", "--lr", "1e-2",
                             "--model_config", TINY_CONFIG])
     raw = build_model(load_model_config(TINY_CONFIG), seed=0).double()
     optimizer = build_optimizer(module_param_groups(raw, 0.1), config, info.device)
-    model = torch.nn.parallel.DistributedDataParallel(CausalLMLoss(raw)) if ddp else raw
-    trainer = Trainer.for_updates(config, info, model, optimizer, raw_model=raw)
-    loss_sum, targets, _, _, _ = trainer.train_step(micro_batches)
-    loss = dist.all_reduce_sum(loss_sum.double().clone()).item() / targets
-    return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}
+    scheduler = wd.create("awd", raw, optimizer, weight_decay=0.1, awd_multiplier=1.0) if awd else None
+    model = wrap_model(raw, config, info, compile=False)
+    trainer = Trainer.for_updates(config, info, model, optimizer, scheduler, raw_model=raw)
+    for _ in range(updates):
+        outcome = trainer.train_step(micro_batches)
+    loss = outcome.loss_sum / outcome.counts[0]  # summed over ranks
+    return loss, {k: v.detach().clone() for k, v in raw.state_dict().items()}, model
 
 
 CPU1 = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -143,8 +166,8 @@ def test_gradient_accumulation_equals_one_large_batch(optimizer_name):
     input_ids, labels = make_rows()
     whole = [{"input_ids": input_ids, "labels": labels}]
     split = [{"input_ids": input_ids[i:i + 2], "labels": labels[i:i + 2]} for i in range(0, 8, 2)]
-    loss_a, params_a = one_update(whole, CPU1, optimizer_name=optimizer_name)
-    loss_b, params_b = one_update(split, CPU1, optimizer_name=optimizer_name)
+    loss_a, params_a, _ = one_update(whole, CPU1, optimizer_name=optimizer_name)
+    loss_b, params_b, _ = one_update(split, CPU1, optimizer_name=optimizer_name)
     assert loss_a == pytest.approx(loss_b, rel=1e-12)
     for key in params_a:
         torch.testing.assert_close(params_a[key], params_b[key], rtol=1e-10, atol=1e-12)
@@ -158,17 +181,25 @@ def _ddp_worker(rank, port, out):
     mine = slice(4 * rank, 4 * rank + 4)  # rank 0 gets the long rows, rank 1 the short ones
     micro = [{"input_ids": input_ids[mine][i:i + 2], "labels": labels[mine][i:i + 2]} for i in (0, 2)]
     info = dist.DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
-    loss, params = one_update(micro, info, ddp=True)
-    torch.save({"loss": loss, "params": params}, os.path.join(out, f"rank{rank}.pt"))
+    loss, params, model = one_update(micro, info, updates=2, awd=True)
+    model(micro[0]["input_ids"], micro[0]["labels"]).backward()  # where DDP leaves the gradients
+    grads = [p.grad for p in model.module.parameters()]
+    storages = {g.untyped_storage().data_ptr() for g in grads}
+    torch.save({"loss": loss, "params": params, "grads": len(grads), "storages": len(storages)},
+               os.path.join(out, f"rank{rank}.pt"))
     torch_dist.destroy_process_group()
 
 
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
+    """Two updates (no_sync on the first of two micro-batches, AWD reading the gradients, zero_grad(set_to_none)
+    between them) through dist.ddp, whose gradients are views into its all-reduce buckets
+    (gradient_as_bucket_view: no second copy of the gradients), equal one process on the same global batch."""
     mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     input_ids, labels = make_rows()
-    loss, params = one_update([{"input_ids": input_ids, "labels": labels}], CPU1)
+    loss, params, _ = one_update([{"input_ids": input_ids, "labels": labels}], CPU1, updates=2, awd=True)
     for rank in (0, 1):
         result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["storages"] < result["grads"] / 4  # the gradients share a few bucket storages
         assert result["loss"] == pytest.approx(loss, rel=1e-12)
         for key in params:
             torch.testing.assert_close(result["params"][key], params[key], rtol=1e-10, atol=1e-12)
@@ -181,6 +212,7 @@ def test_torchrun_two_processes_train_and_resume_exactly(tmp_path):
     args = train_args(tmp_path / "ddp", num_training_steps=6, save_every=3, eval_every=3, batch_size=2)
     done = run_subprocess(args, launcher=launcher, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "FutureWarning" not in done.stderr  # DDP is built with what torch 2.13 asks for (no broadcast_buffers)
     shutil.copytree(tmp_path / "ddp" / "model_3", tmp_path / "resumed" / "model_3")
     resumed = run_subprocess(train_args(tmp_path / "resumed", num_training_steps=6, save_every=3, eval_every=3,
                                         batch_size=2, continue_from=tmp_path / "resumed" / "model_3"),

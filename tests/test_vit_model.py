@@ -96,6 +96,36 @@ def test_initialisation_follows_timm_0_4_5():
     assert conv.bias.abs().max() <= bound and conv.bias.abs().max() > 0
 
 
+def timm_0_4_5_trunc_normal_(tensor: torch.Tensor, std: float, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
+    """timm 0.4.5's `trunc_normal_` (timm/models/layers/weight_init.py), mean 0: uniform draws through the inverse
+    normal CDF."""
+    def norm_cdf(x: float) -> float:
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    low, high = norm_cdf(a / std), norm_cdf(b / std)
+    with torch.no_grad():
+        return tensor.uniform_(2 * low - 1, 2 * high - 1).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(min=a, max=b)
+
+
+def test_initial_values_differ_from_timms_but_not_their_distribution(monkeypatch):
+    """What the model docstring and the README's ViT differences say: the truncated normals come from torch's
+    trunc_normal_ (this torch: normal draws, redrawn out of bounds), timm 0.4.5's from uniform draws through the
+    inverse CDF, so the same seed gives other initial values, from the same distribution."""
+    torch.manual_seed(0)
+    ours = build_vit("vit_tiny_patch4_32", num_classes=10)
+    monkeypatch.setattr(nn.init, "trunc_normal_", timm_0_4_5_trunc_normal_)
+    torch.manual_seed(0)
+    timms = build_vit("vit_tiny_patch4_32", num_classes=10)
+    assert torch.equal(ours.patch_embed.proj.weight, timms.patch_embed.proj.weight)  # the same stream up to there
+    quantiles = torch.linspace(0.01, 0.99, 99)
+    for name in ("pos_embed", "blocks.0.attn.qkv.weight", "head.weight"):
+        a, b = ours.get_parameter(name).detach().flatten(), timms.get_parameter(name).detach().flatten()
+        assert (a - b).abs().max() > 0.01, name  # other values...
+    a = torch.cat([ours.get_parameter(n).detach().flatten() for n, _ in ours.named_parameters() if "fc" in n])
+    b = torch.cat([timms.get_parameter(n).detach().flatten() for n, _ in timms.named_parameters() if "fc" in n])
+    assert torch.allclose(a.quantile(quantiles), b.quantile(quantiles), rtol=0, atol=1e-3)  # ...of one law
+
+
 def test_drop_path_rates_rise_linearly_and_act_only_in_training():
     model = build_vit("vit_tiny_patch4_32", num_classes=10, drop_path_rate=0.1)
     depth = len(model.blocks)

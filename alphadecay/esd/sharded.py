@@ -16,7 +16,15 @@ The route, per weight W (out × in) with rank r holding the rows W_r (an uneven 
 Owners are fixed per module by cost (`spectral.assign_owners`, largest first). The pass runs in rounds: in each
 round every rank owns at most one module, the round's collectives run in module order (the same order on every
 rank), then each owner computes its module's eigenvalues and fit while the others compute theirs. One all-reduce
-of a (modules × metrics) float64 table gives every rank every module's metrics.
+of a (modules × metrics) float64 table gives every rank every module's metrics; the fits are
+`spectral.metric_rows`, the same code as one process's pass.
+
+Failures are handled as in `spectral.module_metrics`: a weight with a NaN or an infinity gets a row of NaN (its Gram
+matrix is zeroed before eigvalsh, which would raise on it, and its eigenvalues set to NaN; the gather route gets
+this from `spectral.eigenvalues`); an error on one rank's share of the pass (memory running out) is recorded, the
+rank still takes part in every later collective (sending zeros where its part failed), the final all-reduce carries
+each rank's failure flag, and every rank raises: its own error, or one naming the ranks that failed. No rank is
+left waiting in a collective.
 
 Precision is `spectral.eigenvalues`' rule: float32 Gram matrices, redone in float64 where λ_max / λ_median exceeds
 FP32_MAX_SPREAD (one all-reduce of the redo flags, then a second round of float64 Grams for those), and float64
@@ -39,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,7 +55,7 @@ import torch.distributed as dist
 from alphadecay.esd import spectral
 from alphadecay.esd.spectral import (EIGH_WEIGHT, EIGS_THRESH, FP32_MAX_SPREAD, METRIC_KEYS, SMALL_EIGENVALUE_FITS,
                                      FarmsSampling, assign_owners, eigenvalues, farms_eigenvalues, farms_windows,
-                                     fit_power_law, spectral_metrics)
+                                     metric_rows)
 
 GRAM, GATHER, LOCAL = "gram", "gather", "local"
 
@@ -144,7 +152,9 @@ def sharded_module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], *,
 
     def compute(i: int, received: torch.Tensor | None, dtype: torch.dtype | None) -> None:
         if routes[i] == GRAM:
-            eigs = torch.linalg.eigvalsh(received).clamp_(min=0).to(torch.float64)
+            bad = ~torch.isfinite(received).all()  # a non-finite weight (or a Gram that overflowed): NaN eigenvalues
+            eigs = torch.linalg.eigvalsh(received.masked_fill_(bad, 0)).clamp_(min=0).to(torch.float64)
+            eigs.masked_fill_(bad, math.nan)
             spread = eigs[-1] / eigs[eigs.shape[0] // 2]
             if dtype is None and not bool(spread <= FP32_MAX_SPREAD):  # also NaN and inf: as spectral.eigenvalues
                 redo[i] = 1.0
@@ -155,20 +165,43 @@ def sharded_module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], *,
             if farms_sampling is not None:
                 farms_spectra[i] = farms_eigenvalues([whole], farms_sampling, gram_dtype=dtype)[0]
 
-    _rounds(list(range(len(weights))), weights, routes, owners, rank, group, gram_dtype, compute)
+    errors: list[BaseException] = []  # this rank's failures: it goes on with the collectives, then raises
+    _rounds(list(range(len(weights))), weights, routes, owners, rank, group, gram_dtype, compute, errors)
     if gram_dtype is None and any(how == GRAM for how in routes):
         dist.all_reduce(redo, group=group)
         again = [i for i in range(len(weights)) if redo[i] > 0]
         if again:
-            _rounds(again, weights, routes, owners, rank, group, torch.float64, compute)
+            _rounds(again, weights, routes, owners, rank, group, torch.float64, compute, errors)
     mine = sorted(spectra)
-    rows = torch.zeros(len(weights), len(METRIC_KEYS), dtype=torch.float64, device=_comm_device(group))
-    if mine:
-        rows[mine] = metric_rows([spectra[i] for i in mine], eigs_thresh, fit_kwargs,
-                                 [farms_spectra[i] for i in mine] if farms_sampling is not None else None
-                                 ).to(rows.device)
-    dist.all_reduce(rows, group=group)  # each row is non-zero on its owner only: exact
+    n, k = len(weights), len(METRIC_KEYS)
+    # the metrics table, then one failure flag per rank: one all-reduce
+    table = torch.zeros(n * k + world, dtype=torch.float64, device=_comm_device(group))
+    rows = table[:n * k].view(n, k)
+    if mine and not errors:
+        _guard(errors, lambda: rows.index_copy_(0, torch.tensor(mine, device=rows.device), metric_rows(
+            [spectra[i] for i in mine], eigs_thresh, fit_kwargs,
+            [farms_spectra[i] for i in mine] if farms_sampling is not None else None).to(rows.device)))
+    table[n * k + rank] = float(bool(errors))
+    dist.all_reduce(table, group=group)  # each row is non-zero on its owner only: exact
+    if errors:
+        raise errors[0]
+    failed = [r for r in range(world) if table[n * k + r] > 0]
+    if failed:
+        raise RuntimeError(f"the sharded spectral pass failed on rank(s) {', '.join(map(str, failed))} of the process "
+                           f"group (their own error is in their output); no rank has metrics")
     return {name: dict(zip(METRIC_KEYS, row)) for name, row in zip(names, rows.cpu().tolist())}
+
+
+def _guard(errors: list[BaseException] | None, fn: Callable, fallback: Callable | None = None):
+    """fn(), or, when it raises and `errors` is a list, the error appended to it and fallback() returned (None
+    without one): how a rank that failed keeps taking part in the pass's collectives. errors=None: fn() as is."""
+    if errors is None:
+        return fn()
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - raised by sharded_module_metrics after the last collective
+        errors.append(err)
+        return fallback() if fallback is not None else None
 
 
 def _comm_device(group: dist.ProcessGroup) -> torch.device:
@@ -178,9 +211,10 @@ def _comm_device(group: dist.ProcessGroup) -> torch.device:
 
 
 def _rounds(modules: list[int], weights: list[torch.Tensor], routes: list[str], owners: list[int], rank: int,
-            group: dist.ProcessGroup, gram_dtype: torch.dtype | None, compute) -> None:
+            group: dist.ProcessGroup, gram_dtype: torch.dtype | None, compute, errors: list[BaseException]) -> None:
     """Every module of `modules`, a round at a time: each rank owns at most one module per round; the round's
-    collectives in module order, then each owner's computation (`compute(i, received, gram_dtype)`)."""
+    collectives in module order, then each owner's computation (`compute(i, received, gram_dtype)`). A failure
+    goes to `errors` (the module is left without a spectrum) and the rounds go on."""
     queues: dict[int, list[int]] = defaultdict(list)
     for i in modules:
         queues[owners[i]].append(i)
@@ -190,77 +224,62 @@ def _rounds(modules: list[int], weights: list[torch.Tensor], routes: list[str], 
         for i in this_round:
             owner = dist.get_global_rank(group, owners[i])
             if routes[i] == GRAM:
-                gram = reduce_gram(weights[i], owner, group, gram_dtype or torch.float32)
+                gram = reduce_gram(weights[i], owner, group, gram_dtype or torch.float32, errors=errors)
                 if owners[i] == rank:
                     received[i] = gram
             elif routes[i] == GATHER:
-                whole = gather_rows(weights[i], owner, group)
+                whole = gather_rows(weights[i], owner, group, errors=errors)
                 if owners[i] == rank:
                     received[i] = whole
             elif owners[i] == rank:
                 received[i] = None
         for i, value in received.items():
-            compute(i, value, gram_dtype)
+            if routes[i] != LOCAL and value is None:  # this rank's own part failed: no spectrum for module i
+                continue
+            _guard(errors, lambda: compute(i, value, gram_dtype))
 
 
 def reduce_gram(w: torch.Tensor, owner: int, group: dist.ProcessGroup | None = None,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+                dtype: torch.dtype = torch.float32, errors: list[BaseException] | None = None) -> torch.Tensor | None:
     """WᵀW of the row-sharded DTensor `w` on the rank `owner` (a global rank; None elsewhere): each rank's shard
-    Gram W_rᵀ W_r in `dtype`, summed by one `dist.reduce`. A collective of `group` (default: the world)."""
-    local = w.to_local().to(dtype)
-    gram = local.mT @ local
-    del local
+    Gram W_rᵀ W_r in `dtype`, summed by one `dist.reduce`. A collective of `group` (default: the world). With
+    `errors`, a failure of this rank's product is appended there and zeros are sent instead (`_guard`)."""
+    def local_gram() -> torch.Tensor:
+        local = w.to_local().to(dtype)
+        return local.mT @ local
+
+    inner = w.shape[1]
+    gram = _guard(errors, local_gram, lambda: torch.zeros(inner, inner, dtype=dtype, device=w.to_local().device))
     dist.reduce(gram, dst=owner, group=group)
     return gram if dist.get_rank() == owner else None
 
 
-def gather_rows(w: torch.Tensor, owner: int, group: dist.ProcessGroup | None = None) -> torch.Tensor | None:
+def gather_rows(w: torch.Tensor, owner: int, group: dist.ProcessGroup | None = None,
+                errors: list[BaseException] | None = None) -> torch.Tensor | None:
     """The whole row-sharded DTensor `w` on the rank `owner` (a global rank; None elsewhere): the shards padded
-    to ⌈out/N⌉ rows, one `dist.gather`. A collective of `group` (default: the world)."""
+    to ⌈out/N⌉ rows, one `dist.gather`. A collective of `group` (default: the world). With `errors`, a failure
+    on this rank is appended there (zeros are sent instead, and the owner gets None: `_guard`)."""
     is_owner = dist.get_rank() == owner
     world = dist.get_world_size(group)
     counts = row_counts(w.shape[0], world)
     local = w.to_local()
     mine = counts[dist.get_rank(group)]
-    if local.shape[0] != mine:
-        raise RuntimeError(f"sharded ESD pass: a shard has {local.shape[0]} rows, expected {mine} of {w.shape[0]} "
-                           f"(rows split as torch.chunk splits them)")
-    padded = local.new_zeros(max(counts), w.shape[1])
-    padded[:mine] = local
-    pieces = [torch.empty_like(padded) for _ in range(world)] if is_owner else None
+
+    def pad() -> torch.Tensor:
+        if local.shape[0] != mine:
+            raise RuntimeError(f"sharded ESD pass: a shard has {local.shape[0]} rows, expected {mine} of "
+                               f"{w.shape[0]} (rows split as torch.chunk splits them)")
+        padded = local.new_zeros(max(counts), w.shape[1])
+        padded[:mine] = local
+        return padded
+
+    padded = _guard(errors, pad, lambda: local.new_zeros(max(counts), w.shape[1]))
+    pieces = None
+    if is_owner:  # an owner that cannot hold the pieces still takes part: it receives them all into one buffer
+        pieces = _guard(errors, lambda: [torch.empty_like(padded) for _ in range(world)], lambda: [padded] * world)
     dist.gather(padded, pieces, dst=owner, group=group)
     if not is_owner:
         return None
-    return torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
-
-
-def metric_rows(spectra: list[torch.Tensor], eigs_thresh: int, fit_kwargs: dict,
-                farms_spectra: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """(modules, METRIC_KEYS) float64 rows from each module's eigenvalues (ascending float64) as
-    `spectral.module_metrics` computes them: fits batched over modules with the same number of eigenvalues,
-    alpha and D from the FARMS spectra when given, NaN below eigs_thresh eigenvalues."""
-    rows = torch.empty(len(spectra), len(METRIC_KEYS), dtype=torch.float64)
-    by_size: dict[int, list[int]] = defaultdict(list)
-    for i, e in enumerate(spectra):
-        by_size[len(e)].append(i)
-    farms_fits = None
-    if farms_spectra is not None:
-        farms_fits = torch.empty(len(spectra), 2, dtype=torch.float64)
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for i, e in enumerate(farms_spectra):
-            by_length[len(e)].append(i)
-        for idx in by_length.values():
-            a, d = fit_power_law(torch.stack([farms_spectra[i] for i in idx]), **fit_kwargs)
-            farms_fits[idx] = torch.stack([a, d], dim=1).cpu()
-    for size, idx in by_size.items():
-        eigs = torch.stack([spectra[i] for i in idx])
-        if farms_fits is None:
-            alpha, d = fit_power_law(eigs, **fit_kwargs)
-        else:
-            alpha, d = (farms_fits[idx, k].to(eigs.device) for k in range(2))
-        if size < eigs_thresh:
-            alpha, d = torch.full_like(alpha, math.nan), torch.full_like(d, math.nan)
-        stats = spectral_metrics(eigs, alpha)
-        stats.update(alpha=alpha, D=d, num_eigs=torch.full_like(alpha, size))
-        rows[idx] = torch.stack([stats[k] for k in METRIC_KEYS], dim=1).cpu()
-    return rows
+    if errors and any(p is padded for p in pieces):
+        return None
+    return _guard(errors, lambda: torch.cat([piece[:count] for piece, count in zip(pieces, counts)]))

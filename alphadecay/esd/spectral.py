@@ -149,19 +149,28 @@ def _single_threaded_gram_eigvalsh(weights: list[torch.Tensor], dtype: torch.dty
 
 
 def _serial_gram_eigvalsh(weights: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """UPLO="U": LAPACK's reduction of the upper triangle (in torch's layout) measured 12-17% faster on this CPU."""
+    """UPLO="U": LAPACK's reduction of the upper triangle (in torch's layout) measured 12-17% faster on this CPU.
+
+    A weight with a NaN or an infinity (or whose Gram overflows `dtype`) gets a row of NaN: its Gram matrix is
+    zeroed before eigvalsh, which raises on non-finite input (on CUDA too, where the error surfaces at the next
+    synchronisation), and its eigenvalues are replaced afterwards; no host synchronisation."""
     size = min(weights[0].shape)
     gram = torch.empty(len(weights), size, size, dtype=dtype, device=weights[0].device)
     for g, w in zip(gram, weights):
-        _upper_gram(_oriented(w).to(dtype), g)
-    return torch.linalg.eigvalsh(gram, UPLO="U").clamp_(min=0).to(torch.float64)
+        _gram(_oriented(w).to(dtype), g)
+    bad = ~torch.isfinite(gram).flatten(1).all(dim=1)
+    gram.masked_fill_(bad[:, None, None], 0)
+    eigs = torch.linalg.eigvalsh(gram, UPLO="U").clamp_(min=0).to(torch.float64)
+    return eigs.masked_fill_(bad[:, None], math.nan)
 
 
-def _upper_gram(a: torch.Tensor, out: torch.Tensor, min_block: int = 128) -> None:
-    """The upper triangle (and diagonal blocks) of aᵀa into `out`, in ~2/3 of the full product's flops.
+def _gram(a: torch.Tensor, out: torch.Tensor, min_block: int = 128) -> None:
+    """aᵀa into `out`, every entry written, in ~2/3 of the full product's flops.
 
-    out[:h] = a[:, :h]ᵀ a gives the top block rows; the bottom-right block recurses. The strictly lower blocks
-    are left unwritten: eigvalsh(UPLO="U") does not read them (documented for torch.linalg.eigvalsh).
+    out[:h] = a[:, :h]ᵀ a gives the top block rows, the block below the diagonal is the transpose of the one
+    above it (a copy, not a product), and the bottom-right block recurses. eigvalsh(UPLO="U") reads only the
+    upper triangle, but nothing is left uninitialised: a solver that read the whole matrix, or a finiteness
+    check of it, sees aᵀa (symmetric up to the rounding of the diagonal blocks' products).
     """
     n = a.shape[1]
     if n <= min_block:
@@ -169,7 +178,8 @@ def _upper_gram(a: torch.Tensor, out: torch.Tensor, min_block: int = 128) -> Non
         return
     half = n // 2
     torch.matmul(a[:, :half].mT, a, out=out[:half])
-    _upper_gram(a[:, half:], out[half:, half:], min_block)
+    out[half:, :half].copy_(out[:half, half:].mT)
+    _gram(a[:, half:], out[half:, half:], min_block)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,16 +197,26 @@ class FarmsSampling:
 
     window: the short side of each submatrix (the authors' num_row_samples), capped to what fits the matrix;
     aspect_ratio: long side / short side of each submatrix, >= 1 (the authors' Q_ratio);
-    per_dim: window positions along each dimension (the authors' sampling_ops_per_dim).
+    per_dim: window positions along each dimension (the authors' sampling_ops_per_dim);
+    min_step: neighbouring positions along a side are at least ⌈min_step × the window's side⌉ apart, so fewer
+    positions where the matrix is barely larger than the window (not in the authors' code; 0 = their positions,
+    see `farms_windows`).
     """
 
     window: int = 2000
     aspect_ratio: float = 1.0
     per_dim: int = 15
+    min_step: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.window < 1 or self.per_dim < 1 or not self.aspect_ratio >= 1:
-            raise ValueError(f"FARMS needs window >= 1, per_dim >= 1 and aspect_ratio >= 1; got {self}")
+        if self.window < 1 or self.per_dim < 1 or not self.aspect_ratio >= 1 or not 0 <= self.min_step < math.inf:
+            raise ValueError(f"FARMS needs window >= 1, per_dim >= 1, aspect_ratio >= 1 and a finite min_step >= 0; "
+                             f"got {self}")
+
+    @classmethod
+    def from_flags(cls, flags) -> FarmsSampling:
+        """From a run configuration or parsed command line with the --farms_* flags."""
+        return cls(flags.farms_window, flags.farms_aspect_ratio, flags.farms_windows_per_dim, flags.farms_min_step)
 
 
 def farms_windows(shape: Sequence[int], sampling: FarmsSampling) -> tuple[tuple[int, int], list[int], list[int]]:
@@ -204,28 +224,36 @@ def farms_windows(shape: Sequence[int], sampling: FarmsSampling) -> tuple[tuple[
 
     Positions follow the authors' `fixed_sampling` (LLM_Pruning/lib/sampling.py): along a side of length n with
     window size w, span = n − w, step = max(1, span // (per_dim − 1)), min(per_dim, span // step + 1) windows
-    starting at min(i·step, span). Two deliberate differences, both inert for the default square windows:
+    starting at i·step (never past the span, so their positions are all distinct: no window is repeated). Three
+    deliberate differences, the first two inert for the default square windows:
     * the window is laid with its long side along the matrix's long side, and its short side is capped so that
       the whole window fits (short = min(window, n_short, ⌊n_long / aspect_ratio⌋)); the authors' code takes
       rows × (rows·Q) of the (out, in) weight, capping rows at min(out, in), and silently gets fewer columns
       when in < rows·Q, i.e. a window of another aspect ratio;
-    * per_dim = 1 is one window at offset 0 (the authors' step formula divides by per_dim − 1).
+    * per_dim = 1 is one window at offset 0 (the authors' step formula divides by per_dim − 1);
+    * the step is at least ⌈min_step·w⌉ (default 0.05: neighbours share at most 95% of their rows, or columns),
+      so a side barely longer than the window gets fewer positions, and one (offset 0) when span < ⌈min_step·w⌉.
+      The authors' step of 1 to a few rows gives nearly identical windows, each an eigendecomposition: a 2048²
+      matrix under 2000² windows has 15 positions 3 apart per side, 225 windows sharing ≥ 95% of their entries.
+      min_step = 0 gives their positions. The default changes nothing where the step is ≥ 5% of the window: the
+      paper's LLaMA 60M-350M (steps ≥ 11.8% of the window), 1B's long sides, the authors' 7B/13B runs (≥ 7.4%).
     With the default, a square matrix no larger than 2000 is its own single window, so FARMS equals the full ESD
     there, and a 1376×512 MLP matrix gives 15 overlapping 512×512 windows.
     """
     n_long, n_short = max(shape), min(shape)
     short = min(sampling.window, n_short, int(n_long / sampling.aspect_ratio))
     long = int(short * sampling.aspect_ratio)
-    return (long, short), _window_offsets(n_long, long, sampling.per_dim), _window_offsets(n_short, short,
-                                                                                             sampling.per_dim)
+    offsets = [_window_offsets(n, size, sampling.per_dim, sampling.min_step) for n, size in ((n_long, long),
+                                                                                            (n_short, short))]
+    return (long, short), offsets[0], offsets[1]
 
 
-def _window_offsets(n: int, size: int, per_dim: int) -> list[int]:
+def _window_offsets(n: int, size: int, per_dim: int, min_step: float = 0.0) -> list[int]:
     span = n - size
     if per_dim == 1 or span == 0:
         return [0]
-    step = max(1, span // (per_dim - 1))
-    return [min(i * step, span) for i in range(min(per_dim, span // step + 1))]
+    step = max(1, math.ceil(min_step * size), span // (per_dim - 1))
+    return [i * step for i in range(min(per_dim, span // step + 1))]
 
 
 def farms_submatrices(w: torch.Tensor, sampling: FarmsSampling) -> list[torch.Tensor]:
@@ -509,21 +537,43 @@ def module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], *, need_ei
     farms_sampling = farms if estimator == "farms" else None
     owners = assign_owners([_cost(w, farms_sampling) for w in weights], world)
     mine = [i for i, owner in enumerate(owners) if owner == rank]
-    rows = _metric_rows([weights[i] for i in mine], eigs_thresh, fit_kwargs, farms_sampling)
-    if world > 1:
-        rows = _gather_rows(rows, mine, owners, process_group)
+    if world == 1:
+        rows = _metric_rows(weights, eigs_thresh, fit_kwargs, farms_sampling)
+    else:
+        # Every rank must reach the all_gather, or the others wait there until the process group's timeout: an
+        # error here (non-finite weights give NaN rows and raise nothing, but memory can run out) is sent along
+        # as a flag, and every rank raises after the gather.
+        try:
+            rows, error = _metric_rows([weights[i] for i in mine], eigs_thresh, fit_kwargs, farms_sampling), None
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the collective
+            rows, error = torch.full((len(mine), len(METRIC_KEYS)), math.nan, dtype=torch.float64), err
+        rows, failed = _gather_rows(rows, mine, owners, process_group, failed=error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"the spectral pass failed on rank(s) {', '.join(map(str, failed))} of the process "
+                               f"group (their own error is in their output); no rank has metrics")
     return {name: dict(zip(METRIC_KEYS, row)) for name, row in zip(names, rows.cpu().tolist())}
 
 
 def _metric_rows(weights: list[torch.Tensor], eigs_thresh: int, fit_kwargs: dict,
                  farms: FarmsSampling | None = None) -> torch.Tensor:
     """(len(weights), len(METRIC_KEYS)) float64 rows; fits are batched over modules with the same N."""
-    rows = torch.empty(len(weights), len(METRIC_KEYS), dtype=torch.float64)
-    by_size: dict[int, list[int]] = defaultdict(list)
     gram_dtype = torch.float64 if fit_kwargs["method"] in SMALL_EIGENVALUE_FITS else None
-    all_eigs = eigenvalues(weights, gram_dtype=gram_dtype)
-    farms_fits = (_batched_fits(farms_eigenvalues(weights, farms, gram_dtype=gram_dtype), fit_kwargs)
-                  if farms is not None else None)
+    return metric_rows(eigenvalues(weights, gram_dtype=gram_dtype), eigs_thresh, fit_kwargs,
+                       farms_eigenvalues(weights, farms, gram_dtype=gram_dtype) if farms is not None else None)
+
+
+def metric_rows(all_eigs: list[torch.Tensor], eigs_thresh: int, fit_kwargs: dict,
+                farms_spectra: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """(modules, METRIC_KEYS) float64 rows from each module's eigenvalues (ascending float64, as `eigenvalues`
+    gives them; NaN for a non-finite weight, which gives a row of NaN): fits batched over modules with the same
+    number of eigenvalues, alpha and D from the FARMS spectra (`farms_eigenvalues`) when given, NaN below
+    eigs_thresh eigenvalues. What `module_metrics` computes once it has the eigenvalues; the sharded pass
+    (alphadecay/esd/sharded.py) gets them another way and calls this too."""
+    rows = torch.empty(len(all_eigs), len(METRIC_KEYS), dtype=torch.float64)
+    by_size: dict[int, list[int]] = defaultdict(list)
+    farms_fits = _batched_fits(farms_spectra, fit_kwargs) if farms_spectra is not None else None
     for i, e in enumerate(all_eigs):
         by_size[len(e)].append(i)
     for size, idx in by_size.items():
@@ -583,15 +633,18 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     return owners
 
 
-def _gather_rows(rows: torch.Tensor, mine: list[int], owners: list[int],
-                 group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Every module's row, in module order, from its owner (one all_gather of a (modules × metrics) tensor)."""
+def _gather_rows(rows: torch.Tensor, mine: list[int], owners: list[int], group: dist.ProcessGroup | None, *,
+                 failed: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """Every module's row, in module order, from its owner, and the ranks (of `group`) that flagged `failed`: one
+    all_gather of a (modules + 1) × metrics tensor whose last row carries the flag."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    local = torch.zeros(len(owners), len(METRIC_KEYS), dtype=torch.float64, device=device)
+    local = torch.zeros(len(owners) + 1, len(METRIC_KEYS), dtype=torch.float64, device=device)
     local[mine] = rows.to(device)
+    local[-1, 0] = float(failed)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
-    return torch.stack([gathered[owner][i] for i, owner in enumerate(owners)])
+    flags = torch.stack([g[-1, 0] for g in gathered]).tolist()
+    return torch.stack([gathered[owner][i] for i, owner in enumerate(owners)]), [r for r, f in enumerate(flags) if f]
 
 
 # ---------------------------------------------------------------------------------------------------------------

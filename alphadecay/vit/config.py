@@ -23,9 +23,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from alphadecay.config import (ASSIGN_FUNCS, ESD_ESTIMATORS, ESD_METRICS, OPTIMIZER_IMPLS, PL_FITTINGS,
+from alphadecay.config import (ASSIGN_FUNCS, ESD_ESTIMATORS, ESD_METRICS, NONFINITE, OPTIMIZER_IMPLS, PL_FITTINGS,
                                WD_SCHEDULERS, FlagConfig, _f, apply_method_defaults, parse_flags,
-                               validate_weight_decay)
+                               check_dist_timeout, validate_weight_decay)
 from alphadecay.errors import UserError
 from alphadecay.vit.mixup import MODES
 from alphadecay.vit.model import ARCHS, resolve_model_name
@@ -94,11 +94,14 @@ class ViTConfig(FlagConfig):
     opt_eps: float = _f(1e-8, "Adam epsilon (the official code declares it but never reads it; torch's default is the same)", group=T)
     opt_betas: Optional[list] = _f(None, "Adam betas, two values; default torch's (0.9, 0.999) (the official code declares it but never reads it)", group=T, nargs="+", item_type=float)
     clip_grad: Optional[float] = _f(None, "clip the global gradient norm to this value; default none (the official code declares it but never clips)", group=T)
+    nonfinite: str = _f("stop", "what a non-finite loss or gradient norm does: stop = end the run at that update, saving nothing from it (exit code 3); skip = drop the update on every rank (no optimizer, weight-decay or EMA step) and go on, stopping after --max_skipped_updates in a row", choices=NONFINITE, group=T)
+    max_skipped_updates: int = _f(10, "--nonfinite skip: stop after this many dropped updates in a row", group=T)
     momentum: float = _f(0.9, COMPAT + "SGD momentum; no SGD here", group=T)
     weight_decay_end: Optional[float] = _f(None, UNREAD + " (its cosine decay schedule is computed and unused)", group=T)
     layer_decay: float = _f(1.0, "layer-wise lr decay: only 1.0 (official: ConvNeXt only)", group=T)
     seed: int = _f(0, "seed of the initialisation, the data order and the augmentation (process r's drop path draws from seed + r)", group=T)
     device: str = _f("auto", "auto = this process's GPU when there is one, else CPU", choices=("auto", "cpu", "cuda"), group=T)
+    dist_timeout: float = _f(10.0, "minutes a collective may wait for the other processes before the run fails (the process group's timeout): a rank that dies mid-run then ends the others instead of leaving them in a collective; raise it if one rank legitimately works alone longer (torch's own default: 10 for NCCL, 30 for gloo)", group=T)
     dtype: str = _f("float32", "float32 (the official ViT runs); amp_bf16 = float32 weights with bf16 autocast", choices=("float32", "amp_bf16"), group=T)
     use_amp: bool = _f(False, "mixed precision: the same as --dtype amp_bf16 (the official --use_amp true crashes)", group=T)
     model_ema: bool = _f(False, "keep an exponential moving average of the weights, updated after every optimizer update", group=T)
@@ -126,6 +129,7 @@ class ViTConfig(FlagConfig):
     farms_window: int = _f(2000, "FARMS: short side of each submatrix, capped to the matrix", group=W)
     farms_aspect_ratio: float = _f(1.0, "FARMS: long side / short side of each submatrix, >= 1", group=W)
     farms_windows_per_dim: int = _f(15, "FARMS: submatrix positions along each dimension", group=W)
+    farms_min_step: float = _f(0.05, "FARMS: neighbouring submatrix positions at least this fraction of the submatrix's side apart; 0 = the authors' positions", group=W)
     xmin_pos: float = _f(2.0, "median fit: xmin is eigenvalue number int(N / xmin_pos) (2 = the median)", group=W)
     filter_zeros: bool = _f(False, "drop eigenvalues <= 1e-5 before fitting", group=W)
     remove_first_layer: bool = _f(True, "leave the first Linear/Conv2d in module order (the patch embedding) at the base decay", group=W)
@@ -137,11 +141,11 @@ class ViTConfig(FlagConfig):
 
     # --- evaluation, logging, checkpoints -----------------------------------------------------------------
     output_dir: Optional[str] = _f(None, "run directory (checkpoints, metrics.jsonl, wandb, config.json); default checkpoints/<model>-<time>-<wandb_name>", group=L)
-    resume: str = _f("", "resume from a checkpoint directory (model_<update>) or a run directory (its latest checkpoint)", group=L)
-    auto_resume: bool = _f(False, "resume from --output_dir's latest checkpoint when it has one", group=L)
+    resume: str = _f("", "resume from a checkpoint directory (model_<update>), which must verify against its manifest, or a run directory (its newest checkpoint that verifies; newer damaged ones are named and skipped)", group=L)
+    auto_resume: bool = _f(False, "resume from --output_dir's newest checkpoint that verifies when it has one", group=L)
     save_ckpt: bool = _f(True, "write a checkpoint every --save_ckpt_freq epochs and at the end (a stop signal always writes one)", group=L)
     save_ckpt_freq: int = _f(1, "epochs between checkpoints", group=L)
-    save_ckpt_num: int = _f(3, "checkpoints kept (the newest)", group=L)
+    save_ckpt_num: int = _f(3, "checkpoints kept (the newest): older ones are deleted once a newer one is complete (as the LLaMA side's --keep_checkpoints)", group=L)
     start_epoch: int = _f(0, "must stay 0: a run starts at epoch 0 or where --resume's checkpoint left off", group=L)
     eval: bool = _f(False, "only evaluate (the initialisation, or --resume's checkpoint) and exit", group=L)
     dist_eval: bool = _f(True, COMPAT + "evaluation is always shared among the processes, every image counted once", group=L)
@@ -191,7 +195,9 @@ def validate(config: ViTConfig, given: set[str]) -> None:
     if config.input_size <= 0 or config.input_size % patch:
         raise UserError(f"--input_size {config.input_size}: {config.model} cuts images into {patch}x{patch} patches, "
                         f"so the input size must be a positive multiple of {patch}.")
+    check_dist_timeout(config.dist_timeout)
     for name in ("batch_size", "epochs", "update_freq", "lr", "log_every", "save_ckpt_freq", "save_ckpt_num",
+                 "max_skipped_updates",
                  "recount"):
         if not getattr(config, name) > 0:
             raise UserError(f"--{name} must be positive, got {getattr(config, name)}.")

@@ -191,13 +191,14 @@ def eval_indices(num_samples: int, rank: int, world_size: int) -> np.ndarray:
     return np.arange(rank, num_samples, world_size)
 
 
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[torch.Tensor]:
     """How many samples have their label among the top-k logits, for each k (k capped at the class count, as
-    timm's `accuracy`). Sum these and the sample counts over ranks; divide once at the end."""
+    timm's `accuracy`), as 0-dim tensors on the logits' device (nothing is read to the host). Sum these and the
+    sample counts over ranks; divide once at the end."""
     maxk = min(max(ks), logits.shape[1])
     top = logits.topk(maxk, dim=1).indices
     hit = top.eq(target.view(-1, 1))
-    return [int(hit[:, :min(k, maxk)].any(dim=1).sum()) for k in ks]
+    return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in ks]
 
 
 # ------------------------------------------------------------------------------------------------------------

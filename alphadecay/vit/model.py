@@ -10,14 +10,18 @@ DeiT checkpoint unchanged (tests/data/deit_tiny_patch16_224_state_dict.json is t
     -> norm -> the cls token's features -> head (Linear)
 
 LayerNorm eps is 1e-6 and GELU is exact, as in timm. Attention uses `F.scaled_dot_product_attention`, which computes
-timm's softmax(q k^T / sqrt(head_dim)) v (up to rounding) with a fused kernel on GPUs.
+timm's softmax(q k^T / sqrt(head_dim)) v with a fused kernel on GPUs: equal up to rounding, not bit for bit (the
+fused kernels order and round their sums differently from timm's explicit matmul, softmax and matmul).
 
-Initialisation is timm 0.4.5's, in its order (so the random stream is consumed as timm consumes it): the modules
-are built in timm's order with PyTorch's default init (the patch Conv2d keeps it: kaiming-uniform weight, uniform
-bias; timm never re-initialises it), then pos_embed and cls_token get trunc_normal(std .02), then every Linear gets
-a trunc_normal(std .02) weight and a zero bias and every LayerNorm weight 1, bias 0. (timm >= 0.9 changed cls_token
-to normal(std 1e-6); we follow the official pin.) The truncation bounds are timm's absolute [-2, 2], i.e. none in
-practice at std .02.
+Initialisation is timm 0.4.5's recipe, in its order: the modules are built in timm's order with PyTorch's default
+init (the patch Conv2d keeps it: kaiming-uniform weight, uniform bias; timm never re-initialises it), then
+pos_embed and cls_token get trunc_normal(std .02), then every Linear gets a trunc_normal(std .02) weight and a zero
+bias and every LayerNorm weight 1, bias 0. (timm >= 0.9 changed cls_token to normal(std 1e-6); we follow the
+official pin.) The truncation bounds are timm's absolute [-2, 2], i.e. none in practice at std .02. The same
+distributions, not the same values for a seed: the truncated normals come from torch's `nn.init.trunc_normal_`,
+which in this torch (2.13) draws normal values and redraws those out of bounds, whereas timm 0.4.5's own
+`trunc_normal_` maps uniform draws through the inverse normal CDF (`uniform_`, `erfinv_`); they take other values
+from the generator, so a timm model and this one built from the same seed start from different weights.
 
 Drop path (stochastic depth) rates rise linearly from 0 at the first block to `drop_path_rate` at the last, as
 timm's `torch.linspace(0, drop_path_rate, depth)`. Its random draws use the default torch generator of the input's

@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from alphadecay import dist
-from alphadecay.checkpoint import find_checkpoint, load_checkpoint, set_rng_state
+from alphadecay.checkpoint import (checkpoint_steps, disk_space_warning, estimate_checkpoint_bytes, find_checkpoint,
+                                   load_checkpoint, remove_stale_temporaries, set_rng_state)
+from alphadecay.device_init import built_on
 from alphadecay.errors import UserError
 from alphadecay.metrics import MetricsLogger
 from alphadecay.optim import make_optimizer, resolve_optimizer_impl
@@ -59,10 +61,19 @@ def check_images(train: ImageFolder, val: ImageFolder, data_path: str, info: dis
         raise unreadable_error(sorted(found), data_path)
 
 
+def locate_checkpoint(path: str, flag: str, info: dist.DistInfo) -> str:
+    """The checkpoint `path` names (it must verify) or its run directory's newest that verifies: rank 0 checks,
+    every rank gets the answer, rank 0 prints what was skipped."""
+    found = dist.on_main(find_checkpoint, path, flag)
+    for note in found.notes:
+        log0(info, note)
+    return found.path
+
+
 def resolve_output_dir(config: ViTConfig, info: dist.DistInfo) -> tuple[str, str | None]:
     """(run directory, checkpoint to resume or None): --output_dir, else --resume's run directory, else
     checkpoints/<model>-<time>-<wandb_name>. A directory that already holds checkpoints is never overwritten."""
-    checkpoint = find_checkpoint(config.resume) if config.resume else None
+    checkpoint = locate_checkpoint(config.resume, "--resume", info) if config.resume else None
     if config.output_dir:
         run_dir = config.output_dir
     elif checkpoint:
@@ -71,9 +82,9 @@ def resolve_output_dir(config: ViTConfig, info: dist.DistInfo) -> tuple[str, str
         stamp = time.strftime("%Y-%m-%d-%H-%M-%S")
         run_dir = os.path.join("checkpoints", f"{config.model}-{stamp}-{config.wandb_name}")
     run_dir = dist.broadcast_object(run_dir)  # one name even when the ranks' clocks differ
-    existing = sorted(d for d in os.listdir(run_dir) if d.startswith("model_")) if os.path.isdir(run_dir) else []
+    existing = [f"model_{s}" for s in checkpoint_steps(run_dir)]
     if config.auto_resume and existing:
-        checkpoint = find_checkpoint(run_dir)
+        checkpoint = locate_checkpoint(run_dir, "--auto_resume", info)
     elif existing and not checkpoint:
         raise UserError(f"--output_dir {run_dir} already holds checkpoints ({', '.join(existing)}); resume with "
                         f"--resume {run_dir} (or --auto_resume true), or choose another --output_dir.")
@@ -83,6 +94,8 @@ def resolve_output_dir(config: ViTConfig, info: dist.DistInfo) -> tuple[str, str
         except OSError as err:
             raise UserError(f"--output_dir {run_dir} cannot be created ({err.strerror}); give a writable directory "
                             "(the official scripts' /home/hedi/... paths are the authors' own).") from None
+        for note in remove_stale_temporaries(run_dir):
+            print(f"note: {note}", flush=True)
     dist.barrier()
     return run_dir, checkpoint
 
@@ -135,17 +148,19 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
         check_images(train, val, config.data_path, info)
         log0(info, f"checked {len(train) + len(val):,} image headers in {time.perf_counter() - start:.1f} s")
     if config.eval:  # evaluate only: read --resume's checkpoint, write nothing anywhere
-        run_dir, checkpoint = "", find_checkpoint(config.resume) if config.resume else None
+        run_dir, checkpoint = "", locate_checkpoint(config.resume, "--resume", info) if config.resume else None
     else:
         run_dir, checkpoint = resolve_output_dir(config, info)
-    weights, saved = load_checkpoint(checkpoint) if checkpoint else (None, None)
+    weights, saved = load_checkpoint(checkpoint, info.device) if checkpoint else (None, None)
 
     # -- model, EMA, groups, optimizer, scheduler ------------------------------------------------------------------
     torch.manual_seed(config.seed + info.rank)  # as the official main.py; DDP then gives every rank rank 0's init
-    raw_model = build_vit(config.model, num_classes=num_classes, img_size=config.input_size,
-                          drop_path_rate=config.drop_path)
+    with built_on(info.device):  # the CPU build's values, without the whole model on the host
+        raw_model = build_vit(config.model, num_classes=num_classes, img_size=config.input_size,
+                              drop_path_rate=config.drop_path)
     if weights is not None:
         raw_model.load_state_dict(weights, strict=True)
+        del weights
     raw_model.to(info.device)
     model: torch.nn.Module = raw_model
     if info.distributed:  # broadcasts rank 0's weights before the EMA copies them
@@ -159,6 +174,10 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
     optimizer_impl = resolve_optimizer_impl(config.optimizer_impl, config.optimizer, info.device)
     # the official ViT code's timing: a pass at the first update of every epoch, on that update's gradients
     wd_scheduler = from_flags(config, raw_model, optimizer, timing="vit", updates_per_epoch=updates_per_epoch)
+    if not config.eval and config.save_ckpt:
+        size = estimate_checkpoint_bytes(raw_model, optimizer, (ema.module,) if ema is not None else ())
+        if warning := dist.on_main(disk_space_warning, run_dir, size):
+            log0(info, warning)
 
     trainer_layout = run_layout(config, info.world_size, len(train))
     if saved and config.eval:
@@ -198,11 +217,14 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
                f"{updates_per_epoch} updates of {config.batch_size} x {config.update_freq} x {info.world_size} images "
                f"({len(train):,} train, {len(val):,} val); lr {config.lr:g}, warmup {warmup_updates} updates, final "
                f"lr {config.lr * config.min_lr_ratio():.3g}; run directory {run_dir}")
-    return ViTTrainer(config=config, info=info, model=model, raw_model=raw_model, ema=ema, optimizer=optimizer,
-                      wd_scheduler=wd_scheduler, criterion=build_criterion(mixup_active=mixup is not None,
-                                                                           smoothing=config.smoothing),
-                      mixup=mixup, train_samples=TrainSamples(train, train_transform, seed=config.seed),
-                      val_samples=EvalSamples(val, eval_transform), order=order, logger=logger, run_dir=run_dir,
-                      updates_per_epoch=updates_per_epoch, warmup_updates=warmup_updates, autocast=autocast,
-                      state=state)
+    trainer = ViTTrainer(config=config, info=info, model=model, raw_model=raw_model, ema=ema, optimizer=optimizer,
+                         wd_scheduler=wd_scheduler, criterion=build_criterion(mixup_active=mixup is not None,
+                                                                              smoothing=config.smoothing),
+                         mixup=mixup, train_samples=TrainSamples(train, train_transform, seed=config.seed),
+                         val_samples=EvalSamples(val, eval_transform), order=order, logger=logger, run_dir=run_dir,
+                         updates_per_epoch=updates_per_epoch, warmup_updates=warmup_updates, autocast=autocast,
+                         state=state)
+    if saved and not config.eval:
+        trainer.nonfinite.load_state_dict(saved.get("nonfinite", {}))
+    return trainer
 

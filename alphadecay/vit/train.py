@@ -22,9 +22,7 @@ that never stopped.
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import shutil
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,10 +32,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from alphadecay import dist
-from alphadecay.checkpoint import rng_state, save_checkpoint
+from alphadecay.checkpoint import prune_checkpoints, rng_state, save_checkpoint
 from alphadecay.optim import lr_factor, set_learning_rate
 from alphadecay.wd.groups import mean_weight_decay
 from alphadecay.trainer import StopFlag
+from alphadecay.update import NonfiniteGuard, Outcome, gradient_norm
 from alphadecay.vit.config import ViTConfig
 from alphadecay.vit.data import EvalSamples, TrainOrder, TrainSamples, eval_indices, load_batches, topk_correct
 from alphadecay.vit.ema import ModelEma
@@ -66,6 +65,7 @@ class ViTTrainer:
         self.total_updates = config.epochs * updates_per_epoch
         self.global_batch = config.batch_size * config.update_freq * info.world_size
         self.stop = StopFlag()
+        self.nonfinite = NonfiniteGuard(config.nonfinite, config.max_skipped_updates)
 
     @classmethod
     def for_updates(cls, config: ViTConfig, info: dist.DistInfo, model: torch.nn.Module, raw_model: torch.nn.Module,
@@ -96,9 +96,11 @@ class ViTTrainer:
                 images, targets = self.mixup(images, targets, batch_rng(config.seed, epoch, micro, rank))
             yield images, targets
 
-    def update(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
-        """One optimizer update; returns (this rank's sum of micro-batch mean losses, weight-decay metrics)."""
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
+    def update(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Outcome:
+        """One optimizer update (alphadecay/update.py: one host read, after the step is queued, or before it with
+        --nonfinite skip); the Outcome's loss_sum is the sum of micro-batch mean losses over all ranks."""
+        device = self.info.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.model.train()
         for i, (images, targets) in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1 or not self.info.distributed
@@ -106,14 +108,19 @@ class ViTTrainer:
                 loss = self.criterion(self.model(images), targets)
             (loss / len(micro_batches)).backward()
             loss_sum += loss.detach().double()
-        if self.config.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.clip_grad)
-        wd_metrics = self.wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
-        self.optimizer.step()
+        grad_norm = gradient_norm(self.raw_model.parameters(), self.config.clip_grad or 0.0)
+        outcome = Outcome.start(torch.zeros(0, dtype=torch.float64, device=device), loss_sum, grad_norm,
+                                self.stop.raised, self.info)
+        if self.config.nonfinite == "skip" and not outcome.read().finite:  # dropped on every rank alike
+            self.wd_scheduler.skip()
+            outcome.applied = False
+        else:
+            outcome.wd_metrics = self.wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.raw_model)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.raw_model)
-        return loss_sum, wd_metrics
+        return outcome.read()
 
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> ViTState:
@@ -130,20 +137,24 @@ class ViTTrainer:
                 for step in range(epoch * upe + first, (epoch + 1) * upe):
                     lr = self.lr_at(step)
                     set_learning_rate(self.optimizer, lr)
-                    start = time.perf_counter()
-                    loss_sum, wd_metrics = self.update([next(batches) for _ in range(config.update_freq)])
-                    stop_flag = torch.tensor(float(self.stop.raised), device=self.info.device)
-                    stop = dist.all_reduce_sum(stop_flag).item() > 0  # every rank stops after the same update
-                    elapsed = time.perf_counter() - start
+                    start = time.perf_counter()  # the previous update's read (or an evaluation) left the GPU idle
+                    outcome = self.update([next(batches) for _ in range(config.update_freq)])
+                    elapsed = time.perf_counter() - start  # up to the read: the GPU's work is done
                     self.state.step, self.state.train_time = step + 1, self.state.train_time + elapsed
-                    window["loss"] += loss_sum
+                    self.nonfinite.check(outcome, self.state.step, logger=self.logger,
+                                         run_dir=self.run_dir)
+                    stop = outcome.stop  # every rank stops after the same update
+                    if outcome.applied:
+                        window["loss"] += outcome.loss_sum
+                        window["applied"] += 1
                     window["updates"] += 1
                     window["time"] += elapsed
+                    window["grad_norm"] = outcome.grad_norm
                     if self.state.step % config.log_every == 0 or self.state.step % upe == 0:
-                        self._log_train(window, lr, wd_metrics, bar)
+                        self._log_train(window, lr, outcome.wd_metrics, bar)
                         window = self._empty_window()
-                    elif wd_metrics:  # a module-wise pass is logged at its own update
-                        self.logger.log(wd_metrics, step=self.state.step)
+                    elif outcome.wd_metrics:  # a module-wise pass is logged at its own update
+                        self.logger.log(outcome.wd_metrics, step=self.state.step)
                     bar.update(1)
                     if stop:
                         break
@@ -165,17 +176,21 @@ class ViTTrainer:
             self.stop.uninstall()
         return self.state
 
-    def _empty_window(self) -> dict:
-        """Sums over the updates since the last training log line."""
-        return {"loss": torch.zeros((), dtype=torch.float64, device=self.info.device), "updates": 0, "time": 0.0}
+    @staticmethod
+    def _empty_window() -> dict:
+        """Sums over the updates since the last training log line (host values: no synchronisation to log)."""
+        return {"loss": 0.0, "updates": 0, "applied": 0, "time": 0.0, "grad_norm": math.nan}
 
     def _log_train(self, window: dict, lr: float, wd_metrics: dict, bar) -> None:
-        loss_sum = dist.all_reduce_sum(window["loss"].clone()).item()
-        loss = loss_sum / (window["updates"] * self.config.update_freq * self.info.world_size)
+        micro_batches = window["applied"] * self.config.update_freq * self.info.world_size
+        loss = window["loss"] / micro_batches if micro_batches else math.nan
         metrics = {"loss": loss, "lr": lr, "weight_decay": mean_weight_decay(self.optimizer.param_groups),
+                   "grad_norm": window["grad_norm"],
                    "epoch": self.state.step / self.updates_per_epoch,
                    "images_seen": self.state.step * self.global_batch,
                    "images_per_s": window["updates"] * self.global_batch / max(window["time"], 1e-9), **wd_metrics}
+        if self.nonfinite.skipped:
+            metrics["skipped_updates"] = self.nonfinite.skipped
         self.logger.log(metrics, step=self.state.step)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
@@ -200,9 +215,9 @@ class ViTTrainer:
             for k, (_, model) in enumerate(models):
                 with self.autocast:
                     logits = model(images).float()
-                top1, top5 = topk_correct(logits, targets)
-                sums[k] += torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(), top1, top5,
-                                         len(targets)], dtype=torch.float64, device=self.info.device)
+                top1, top5 = topk_correct(logits, targets)  # on the device: one read at the end, not per batch
+                sums[k] += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(), top1.double(),
+                                        top5.double(), torch.tensor(len(targets), dtype=torch.float64, device=sums.device)])
         self.raw_model.train()
         sums = dist.all_reduce_sum(sums).tolist()
         result: dict[str, float] = {}
@@ -231,23 +246,24 @@ class ViTTrainer:
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self) -> None:
         """Every rank contributes its RNG states (the default torch generator drives drop path); rank 0 writes
-        model_<update> (model.safetensors, model_ema.safetensors, training_state.pt) and keeps the newest
-        --save_ckpt_num checkpoints."""
+        model_<update> (model.safetensors, model_ema.safetensors, training_state.pt, manifest.json), then keeps
+        the newest --save_ckpt_num checkpoints. A save that fails (a full disk) raises its RunFault on every rank."""
         rng_states = dist.all_gather_objects(rng_state())
-        if self.info.is_main:
+
+        def write() -> None:
             config = self.config
             state = {"step": self.state.step, "epoch": self.state.step / self.updates_per_epoch,
                      "train_time": self.state.train_time, "best": dict(self.state.best),
+                     "nonfinite": self.nonfinite.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "wd_scheduler": self.wd_scheduler.state_dict(),
                      "rng": rng_states, "layout": self.layout(), "wandb_id": self.logger.wandb_id,
                      "config": config.to_dict()}
             extra = {"model_ema": self.ema.state_dict()} if self.ema is not None else None
-            path = save_checkpoint(self.run_dir, self.state.step, self.raw_model, state, extra)
-            steps = sorted(int(m.group(1)) for d in os.listdir(self.run_dir) if (m := re.fullmatch(r"model_(\d+)", d)))
-            for old in steps[:-config.save_ckpt_num]:
-                shutil.rmtree(os.path.join(self.run_dir, f"model_{old}"), ignore_errors=True)
+            path = save_checkpoint(self.run_dir, self.state.step, self.raw_model, state, extra, resume_flag="--resume")
+            prune_checkpoints(self.run_dir, config.save_ckpt_num, self.state.step)
             tqdm.write(f"saved {path}")
-        dist.barrier()
+
+        dist.on_main(write)
 
     def layout(self) -> dict[str, int]:
         return run_layout(self.config, self.info.world_size, len(self.train_samples))

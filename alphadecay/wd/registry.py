@@ -76,6 +76,8 @@ OPTIONS: dict[str, Option] = {
     "farms_window": Option(2000, "farms_window", "FARMS: short side of each submatrix"),
     "farms_aspect_ratio": Option(1.0, "farms_aspect_ratio", "FARMS: long side / short side of each submatrix"),
     "farms_windows_per_dim": Option(15, "farms_windows_per_dim", "FARMS: submatrix positions along each dimension"),
+    "farms_min_step": Option(0.05, "farms_min_step", "FARMS: neighbouring positions at least this fraction of the "
+                             "submatrix's side apart (0 = the FARMS authors' positions)"),
     "remove_first": Option(True, "remove_first_layer", "leave the first weight module in module order untuned"),
     "remove_last": Option(True, "remove_last_layer", "leave the last weight module (the output head) untuned"),
     "exclude": Option((), "wd_exclude", "regular expressions: weight modules whose name matches one are not tuned"),
@@ -92,8 +94,8 @@ OPTIONS: dict[str, Option] = {
 
 MODULEWISE_OPTIONS = ("every", "timing", "updates_per_epoch", "min_ratio", "max_ratio", "metric", "assign",
                       "apply_mapping", "fit", "estimator", "xmin_pos", "filter_zeros", "official_fix_finger",
-                      "farms_window", "farms_aspect_ratio", "farms_windows_per_dim", "remove_first", "remove_last",
-                      "exclude", "official_adadecay_init", "sigmoid_slope", "eigs_thresh")
+                      "farms_window", "farms_aspect_ratio", "farms_windows_per_dim", "farms_min_step", "remove_first",
+                      "remove_last", "exclude", "official_adadecay_init", "sigmoid_slope", "eigs_thresh")
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,11 @@ class Scheduler:
             metrics.update(self._decay_metrics(groups, update.modules))
         return metrics
 
+    def skip(self) -> None:
+        """An update the training loop dropped (its gradients were not finite): counted, nothing computed, so
+        the passes stay at their update numbers."""
+        self.update += 1
+
     def _decay_metrics(self, groups: dict[str, dict], changed: dict[str, float]) -> dict[str, float]:
         """wd/<module> for every module set, the per-type mean decays, and the parameter-weighted mean multiplier."""
         out = {f"wd/{m}": groups[m]["weight_decay"] for m in changed}

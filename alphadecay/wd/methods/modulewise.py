@@ -198,7 +198,7 @@ def from_options(model: nn.Module, options: dict) -> ModulewiseDecay:
     """A ModulewiseDecay from the registry's option names (alphadecay/wd/registry.py OPTIONS)."""
     opts = dict(options)
     farms = esd.FarmsSampling(opts.pop("farms_window"), opts.pop("farms_aspect_ratio"),
-                              opts.pop("farms_windows_per_dim"))
+                              opts.pop("farms_windows_per_dim"), opts.pop("farms_min_step"))
     return ModulewiseDecay(model, farms=farms, **opts)
 
 
