@@ -11,7 +11,8 @@ Layout of `<save_dir>/model_<step>/` (step = updates completed):
 - manifest.json, written last: every other file of the directory (any layout, subdirectories included, so a
   sharded checkpoint of DCP files goes through the same code) with its size in bytes and its xxh3_128 checksum.
 
-Writing (`save_checkpoint`): every file goes to `.tmp-model_<step>-<host>-<pid>/`; each is read back for its
+Writing (`save_checkpoint`; an FSDP run's sharded checkpoint, alphadecay/sharded_checkpoint.py, ends the same way
+through `publish_checkpoint`): every file goes to `.tmp-model_<step>-<host>-<pid>/`; each is read back for its
 checksum and fsynced, the manifest is written and fsynced, then the directory; the directory is renamed to
 `model_<step>` and the run directory fsynced. A process killed at any moment leaves the earlier checkpoints as
 they were and at most a temporary directory, which the next start removes (`remove_stale_temporaries`). A write
@@ -271,7 +272,7 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, state: dict
     resume: `resume_flag`); a model_<step> that already exists (a damaged one, skipped at resume) is replaced only
     by a complete new one."""
     final = checkpoint_dir(run_dir, step)
-    tmp = os.path.join(run_dir, f".tmp-model_{step}-{_owner()}")
+    tmp = temporary_dir(run_dir, step)
     weights = {} if hasattr(model, "save_pretrained") else {"model": model.state_dict()}
     weights.update(extra_weights or {})
     needed = tensor_bytes(model.state_dict()) + tensor_bytes(extra_weights or {}) + tensor_bytes(state)
@@ -288,26 +289,42 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, state: dict
         readable = {k: state[k] for k in ("step", "epoch", "tokens_seen", "train_time", "wandb_id") if k in state}
         with open(os.path.join(tmp, "training_state.json"), "w") as fh:
             json.dump(readable, fh, indent=2)
-        write_manifest(tmp, step)
-        if os.path.exists(final):  # only ever a checkpoint being replaced: move it aside, then put ours in place
-            old = f"{final}.old-{_owner()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            fsync_dir(run_dir)
-            _delete(old)
-        else:
-            os.replace(tmp, final)
-            fsync_dir(run_dir)
+        publish_checkpoint(tmp, run_dir, step)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        cause = _io_failure(err)
+        cause = io_failure(err)
         if cause is None:
             raise
         raise RunFault(save_failure_message(run_dir, final, cause, needed, resume_flag)) from None
     return final
 
 
-def _io_failure(err: BaseException) -> str | None:
+def temporary_dir(run_dir: str, step: int) -> str:
+    """Where a save of model_<step> writes before the rename: named after this host and process, so that
+    `remove_stale_temporaries` can tell a dead writer's leftovers from a live one's."""
+    return os.path.join(run_dir, f".tmp-model_{step}-{_owner()}")
+
+
+def publish_checkpoint(tmp: str, run_dir: str, step: int) -> str:
+    """The end of every save, once all of model_<step>'s files are in the temporary directory `tmp` (written by
+    this process or, for a sharded checkpoint, by every rank): the manifest over all of them, written last, then
+    the rename into place and the run directory's fsync. A model_<step> that exists already (only ever a damaged
+    checkpoint being replaced) is moved aside first and deleted after. Returns the checkpoint's directory."""
+    final = checkpoint_dir(run_dir, step)
+    write_manifest(tmp, step)
+    if os.path.exists(final):  # only ever a checkpoint being replaced: move it aside, then put ours in place
+        old = f"{final}.old-{_owner()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(run_dir)
+        _delete(old)
+    else:
+        os.replace(tmp, final)
+        fsync_dir(run_dir)
+    return final
+
+
+def io_failure(err: BaseException) -> str | None:
     """The I/O error behind a failed write, in words, or None when it is not one (a bug: re-raised as is).
     safetensors reports one as 'I/O error: ... (os error N)', torch.save as a RuntimeError whose context is the
     OSError of the file object it wrote to."""

@@ -33,6 +33,8 @@ ESD_METRICS, PL_FITTINGS, ESD_ESTIMATORS = METRICS, FITS, ESTIMATORS
 SCALING_RULES = ("none", "fan2025", "mup_lr")  # alphadecay/scaling.py
 SCALING_HEADS = ("matrix", "vector")
 OPTIMIZER_IMPLS = ("official", "foreach", "fused", "forloop")  # alphadecay/optim.py
+PARALLELISMS = ("ddp", "fsdp")  # alphadecay/parallel.py
+REDUCE_DTYPES = ("param", "float32")
 NONFINITE = ("stop", "skip")  # alphadecay/update.py
 # What a run records besides its flags because it changes the numbers (config.json "provenance", the metrics'
 # provenance events, wandb's config); scripts/make_tables.py refuses to average runs that differ in one of these.
@@ -131,6 +133,8 @@ class TrainConfig(FlagConfig):
     loss_chunk_tokens: int = _f(0, "compute lm_head and the cross-entropy over this many tokens at a time, so the fp32 logits of a whole micro-batch never exist (alphadecay/loss.py); 0 = the whole micro-batch at once")
     seed: int = _f(0, "seed of the model initialisation (the same on every rank)")
     device: str = _f("auto", "auto = this rank's GPU when there is one, else CPU", choices=("auto", "cpu", "cuda"))
+    parallelism: str = _f("ddp", "how the processes share the model: ddp = a whole replica on each (weights, gradients and Adam states: 8 bytes per parameter in pure bf16 on every GPU); fsdp = FSDP2 (torch's fully_shard), each decoder layer, the embedding, the final norm with lm_head and the root sharded over the processes, 1/N of those bytes per GPU (alphadecay/parallel.py)", choices=PARALLELISMS)
+    reduce_dtype: str = _f("param", "--parallelism fsdp: the dtype gradients are reduce-scattered in: param = the parameters' (bf16 in pure bf16, as DDP's all-reduce); float32 = summed over the ranks in float32, rounded once to the parameter dtype", choices=REDUCE_DTYPES)
     dist_timeout: float = _f(10.0, "minutes a collective may wait for the other processes before the run fails (the process group's timeout): a rank that dies mid-run then ends the others instead of leaving them in a collective; raise it if one rank legitimately works alone longer (torch's own default: 10 for NCCL, 30 for gloo)")
     single_cuda: bool = _f(False, "accepted for compatibility: a one-process run never uses DDP")
 
@@ -379,6 +383,7 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"--gradient_accumulation must be positive, got {config.gradient_accumulation}.")
     validate_weight_decay(config)
     validate_scaling(config)
+    validate_parallelism(config)
     if config.official_adadecay_init and not official_adadecay_init_applies(config):
         raise UserError("--official_adadecay_init only changes AdaDecay (--use_modulewise_wd --alpha_positively_with_WD "
                         "--esd_metric_for_tb gradnorm --assign_func layerwise_sigmoid, or --wd_scheduler adadecay); "
@@ -428,6 +433,16 @@ def official_adadecay_init_applies(config: TrainConfig) -> bool:
     gradient-norm scores (WeightDecayUnbalance.py:234, :344, :358), and only when the mapping is applied."""
     return (config.use_modulewise_wd and config.alpha_positively_with_WD and config.assign_func == "layerwise_sigmoid"
             and config.esd_metric_for_tb in ("gradnorm", "gradnorm_d_weightnorm"))
+
+
+def validate_parallelism(config: TrainConfig) -> None:
+    """What --parallelism fsdp does not combine with."""
+    if config.parallelism == "ddp" and config.reduce_dtype != "param":
+        raise UserError(f"--reduce_dtype {config.reduce_dtype} applies to --parallelism fsdp; DDP all-reduces gradients "
+                        "in the parameters' dtype. Add --parallelism fsdp or drop --reduce_dtype.")
+    if config.parallelism == "fsdp" and config.diagnostics_every:
+        raise UserError("--diagnostics_every is not available with --parallelism fsdp (its top singular values read "
+                        "whole weights); use --parallelism ddp for the scaling-rule diagnostics, or drop the flag.")
 
 
 def validate_scaling(config: TrainConfig) -> None:

@@ -40,6 +40,7 @@ from alphadecay.errors import UserError
 from alphadecay.esd.report import load_model
 from alphadecay.loss import row_loss_sums
 from alphadecay.model import cast_model
+from alphadecay.parallel import is_sharded, reshard
 
 
 def official_estimate(row_sums: torch.Tensor, row_counts: torch.Tensor, rows_per_batch: int) -> float:
@@ -65,15 +66,23 @@ def evaluate_rows(model: torch.nn.Module, rows: torch.Tensor, spec: data.RowSpec
     per_row = torch.zeros(2, total, dtype=torch.float64, device=device)  # summed loss, targets
     was_training = model.training
     model.eval()
+    chunks = torch.arange(info.rank, total, info.world_size).split(batch_size)
+    # FSDP: every forward pass all-gathers weights with the other ranks, so every rank runs as many as rank 0
+    # (a rank with fewer rows repeats its last micro-batch and discards the result)
+    passes = math.ceil(math.ceil(total / info.world_size) / batch_size) if is_sharded(model) else len(chunks)
     try:
-        for chunk in torch.arange(info.rank, total, info.world_size).split(batch_size):
+        for i in range(passes):
+            chunk = chunks[min(i, len(chunks) - 1)] if chunks else torch.zeros(1, dtype=torch.long)
             input_ids = rows[chunk].to(device).long()
             with autocast or contextlib.nullcontext():
                 sums, counts = row_loss_sums(model, input_ids, data.labels_for(input_ids, spec),
                                              chunk_tokens=chunk_tokens)
-            per_row[:, chunk.to(device)] = torch.stack([sums, counts.double()])
+            if i < len(chunks):
+                per_row[:, chunk.to(device)] = torch.stack([sums, counts.double()])
     finally:
         model.train(was_training)
+        if is_sharded(model):
+            reshard(model)
     row_sums, row_counts = dist.all_reduce_sum(per_row)  # each row is non-zero on its one rank only: exact
     targets = float(row_counts.sum())
     eval_loss = float(row_sums.sum()) / max(targets, 1.0)

@@ -19,7 +19,7 @@ import transformers
 from transformers.utils import logging as hf_logging
 
 from alphadecay import config as config_lib
-from alphadecay import data, dist, pretokenized
+from alphadecay import data, dist, parallel, pretokenized, sharded_checkpoint
 from alphadecay.checkpoint import (disk_space_warning, estimate_checkpoint_bytes, find_checkpoint, load_checkpoint,
                                    remove_stale_temporaries, set_rng_state)
 from alphadecay.config import TrainConfig
@@ -124,11 +124,13 @@ def resolve_run_dir(config: TrainConfig, info: dist.DistInfo, checkpoint: str | 
 
 
 def provenance(config: TrainConfig, info: dist.DistInfo, *, grad_accum: int, dtype_name: str, optimizer_impl: str,
-               eval_rows: torch.Tensor, spec: data.RowSpec) -> dict:
+               eval_rows: torch.Tensor, spec: data.RowSpec, reduce_dtype: torch.dtype | None = None) -> dict:
     """What changes a run's numbers without being a flag (config.PROVENANCE_KEYS, which scripts/make_tables.py
-    compares across the runs of a table cell), then where it ran."""
+    compares across the runs of a table cell), the dtype gradients are reduced in (--reduce_dtype resolved; DDP:
+    the parameters'), then where it ran."""
+    reduced = str(reduce_dtype).removeprefix("torch.") if reduce_dtype is not None else None
     return {"world_size": info.world_size, "micro_batch": config.batch_size, "gradient_accumulation": grad_accum,
-            "dtype_resolved": dtype_name, "optimizer_impl_resolved": optimizer_impl,
+            "dtype_resolved": dtype_name, "optimizer_impl_resolved": optimizer_impl, "reduce_dtype_resolved": reduced,
             "official_eval_rows": config.official_eval_rows, "eval_rows": int(eval_rows.shape[0]),
             "eval_tokens": target_count(data.labels_for(eval_rows, spec)), "torch": torch.__version__,
             "transformers": transformers.__version__, **where_it_ran(info)}
@@ -185,8 +187,11 @@ def check_inputs(config: TrainConfig, info: dist.DistInfo) -> Inputs:
     return Inputs(model_config, tokenizer, spec, train_files, eval_files, grad_accum, checkpoint, stored)
 
 
-def restore(saved: dict, optimizer, wd_scheduler, train_batches, info: dist.DistInfo) -> TrainState:
-    """Put the optimizer, the weight-decay scheduler, this rank's data position and RNG back where they were.
+def restore(saved: dict, optimizer, wd_scheduler, train_batches, info: dist.DistInfo, *,
+            model: torch.nn.Module | None = None, checkpoint: str | None = None) -> TrainState:
+    """Put the optimizer, the weight-decay scheduler, this rank's data position and RNG back where they were;
+    for a checkpoint of an FSDP run (`checkpoint`, its DCP shards), the raw `model`'s weights too, resharded to
+    this run's layout (alphadecay/sharded_checkpoint.py).
 
     Streaming data is split into per-rank streams, so it resumes only on the same number of processes. Pretokenized
     data has one position for all ranks (updates, epoch, row: the next global batch), so it resumes on any number.
@@ -204,7 +209,10 @@ def restore(saved: dict, optimizer, wd_scheduler, train_batches, info: dist.Dist
         raise UserError(f"--continue_from: the checkpoint was written by {saved['world_size']} process(es); "
                         f"resume it with the same number (this run has {info.world_size}), or train from "
                         f"pretokenized data (python -m alphadecay.pretokenize), which resumes on any number.")
-    optimizer.load_state_dict(saved["optimizer"])
+    if saved.get("format") == sharded_checkpoint.FORMAT:
+        sharded_checkpoint.load(checkpoint, model, optimizer)
+    else:  # a DDP checkpoint: the weights were loaded before the model was built; an FSDP run shards the state
+        sharded_checkpoint.load_optimizer_state(model, optimizer, saved["optimizer"])
     wd_scheduler.load_state_dict(legacy_state(saved["wd_scheduler"], saved["step"]))
     train_batches.load_state_dict(saved["data"][0 if portable else info.rank])
     set_rng_state(saved["rng"][info.rank % len(saved["rng"])])
@@ -219,7 +227,10 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     use_compile = resolve_compile(config, info.device)
     total_steps = config.train_steps()
 
-    weights, saved = load_checkpoint(inputs.checkpoint, info.device) if inputs.checkpoint else (None, None)
+    if inputs.checkpoint and sharded_checkpoint.is_sharded_checkpoint(inputs.checkpoint):  # an FSDP run's
+        weights, saved = None, sharded_checkpoint.load_training_state(inputs.checkpoint)  # weights: in restore()
+    else:
+        weights, saved = load_checkpoint(inputs.checkpoint, info.device) if inputs.checkpoint else (None, None)
     raw_model = build_model(inputs.model_config, seed=config.seed, device=info.device)
     if weights is not None:
         raw_model.load_state_dict(weights, strict=True)
@@ -227,6 +238,11 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     cast_model(raw_model, info.device, dtype)
     if config.activation_checkpointing:
         raw_model.gradient_checkpointing_enable()
+    reduce_dtype = parallel.reduce_dtype(config.reduce_dtype, dtype)
+    sharded_model = None  # --parallelism fsdp: the raw model is sharded in place, before the optimizer sees it
+    if config.parallelism == "fsdp":
+        sharded_model = parallel.fully_shard_llama(raw_model, info.device, chunk_tokens=config.loss_chunk_tokens,
+                                                   reduce_dtype=reduce_dtype, compile=use_compile)
     param_groups = module_param_groups(raw_model, config.weight_decay, decay_norms=config.decay_norms,
                                        decay_embeddings=config.decay_embeddings)
     apply_scaling_rule(param_groups, rule=config.scaling_rule, width=inputs.model_config.hidden_size,
@@ -246,7 +262,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                                         seed=config.data_seed, buffer_size=config.shuffle_buffer,
                                         retry_seconds=config.hub_retry_seconds)
         train_batches = data.TokenBatches(documents, inputs.tokenizer, inputs.spec, config.batch_size)
-    state = restore(saved, optimizer, wd_scheduler, train_batches, info) if saved else TrainState()
+    state = (restore(saved, optimizer, wd_scheduler, train_batches, info, model=raw_model,
+                     checkpoint=inputs.checkpoint) if saved else TrainState())
     if saved:
         log0(info, f"resuming from update {state.step} of {total_steps}")
 
@@ -264,16 +281,17 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                    f"tokens; every evaluation uses all of it")
     probes = ([ScalingDiagnostics.from_eval_rows(config.diagnostics_every, eval_rows, inputs.spec, info.device)]
               if config.diagnostics_every else [])
-    model = wrap_model(raw_model, config, info, compile=use_compile)
+    model = sharded_model if sharded_model is not None else wrap_model(raw_model, config, info, compile=use_compile)
     run_provenance = provenance(config, info, grad_accum=inputs.grad_accum, dtype_name=dtype_name,
-                                optimizer_impl=optimizer_impl, eval_rows=eval_rows, spec=inputs.spec)
+                                optimizer_impl=optimizer_impl, eval_rows=eval_rows, spec=inputs.spec,
+                                reduce_dtype=reduce_dtype)
     logger = start_logging(config, info, run_dir, raw_model, optimizer, run_provenance, state.step, saved,
                            project=config.wandb_project, mode=config.wandb_mode,
                            tags=config.tags.split(",") if config.tags else None, extra={"updates": total_steps})
     autocast = (torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_autocast
                 else contextlib.nullcontext())
-    speed = (", compiled" if use_compile else "") + (f", loss over {config.loss_chunk_tokens}-token chunks"
-                                                      if config.loss_chunk_tokens else "")
+    speed = ((", FSDP" if sharded_model is not None else "") + (", compiled" if use_compile else "")
+             + (f", loss over {config.loss_chunk_tokens}-token chunks" if config.loss_chunk_tokens else ""))
     log0(info, f"model {count_parameters(raw_model) / 1e6:.2f}M parameters, {dtype}"
                f"{' + bf16 autocast' if use_autocast else ''}{speed} on {info.device} x {info.world_size}; optimizer "
                f"{config.optimizer} ({optimizer_impl} kernel, --optimizer_impl {config.optimizer_impl}); weight decay: "

@@ -3,11 +3,13 @@
 One update (`train_step`; alphadecay/update.py has what both model families share):
   1. count the target tokens of all micro-batches on all ranks (an all-reduce on the device; no host wait);
   2. forward/backward each micro-batch with loss = sum of token losses / global target tokens (times the world
-     size, which DDP's gradient averaging divides out), `no_sync` on all but the last micro-batch: the gradient
-     is exactly that of the token-mean loss over the global batch, however it is split into ranks and
-     micro-batches (the official code averages per-micro-batch means instead; identical when GA=1 on one GPU);
-  3. the gradient norm (clipped with --grad_clipping), then one all-reduce of the loss sum, the stop flag that
-     SIGTERM/SIGINT raise on any rank and each rank's non-finite flag, so every rank takes the same decisions;
+     size, which DDP's and FSDP's gradient averaging divides out), DDP's `no_sync` on all but the last
+     micro-batch (FSDP reduce-scatters every micro-batch: alphadecay/parallel.py): the gradient is exactly that
+     of the token-mean loss over the global batch, however it is split into ranks and micro-batches (the
+     official code averages per-micro-batch means instead; identical when GA=1 on one GPU);
+  3. the global gradient norm (clipped with --grad_clipping; also over FSDP's sharded gradients), then one
+     all-reduce of the loss sum, the stop flag that SIGTERM/SIGINT raise on any rank and each rank's non-finite
+     flag, so every rank takes the same decisions;
   4. the weight-decay scheduler (alphadecay.wd: it sets the groups' decays by name), then `optimizer.step()`;
   5. the one host read of the update (counts, loss, gradient norm, flags). A non-finite loss or gradient norm
      ends the run (--nonfinite stop) or drops the update (--nonfinite skip, read before step 4).
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from alphadecay import dist
+from alphadecay import dist, parallel, sharded_checkpoint
 from alphadecay.checkpoint import prune_checkpoints, rng_state, save_checkpoint
 from alphadecay.config import TrainConfig
 from alphadecay.data import IGNORE_INDEX, Prefetcher, RowSpec
@@ -128,8 +130,7 @@ class Trainer:
         scale = info.world_size / counts[0].clamp(min=1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i, batch in enumerate(micro_batches):
-            sync = i == len(micro_batches) - 1 or not info.distributed
-            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast:
+            with parallel.micro_batch_context(self.model, last=i == len(micro_batches) - 1), self.autocast:
                 micro_loss = self.model(batch["input_ids"].to(device, non_blocking=True),
                                         batch["labels"].to(device, non_blocking=True))
             (micro_loss * scale).backward()
@@ -190,7 +191,7 @@ class Trainer:
                 if self.state.step % config.eval_every == 0 or done:
                     self.evaluate_and_log()
                 if self.state.step % config.save_every == 0 or done or stop:
-                    self.save()
+                    self.save(final=done)
                 if stop:
                     bar.write(f"stopped by signal after update {self.state.step}; checkpoint saved in {self.run_dir}")
                     break
@@ -264,21 +265,29 @@ class Trainer:
         return result
 
     # -- checkpoints -----------------------------------------------------------------------------------------
-    def save(self) -> None:
-        """Every rank contributes its data position and RNG state; rank 0 writes the checkpoint, then deletes those
-        beyond --keep_checkpoints. A save that fails (a full disk) raises its RunFault on every rank."""
+    def save(self, final: bool = False) -> None:
+        """Every rank contributes its data position and RNG state; rank 0 writes the checkpoint (under FSDP every
+        rank writes its shards: alphadecay/sharded_checkpoint.py; the `final` one also as save_pretrained), then
+        deletes those beyond --keep_checkpoints. A save that fails (a full disk) raises its RunFault on every rank."""
         data_states = dist.all_gather_objects(self.data_state)
         rng_states = dist.all_gather_objects(rng_state())
+        state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "train_time": self.state.train_time,
+                 "nonfinite": self.nonfinite.state_dict(), "wd_scheduler": self.wd_scheduler.state_dict(),
+                 "data": data_states, "rng": rng_states, "world_size": self.info.world_size,
+                 "wandb_id": self.logger.wandb_id, "config": self.config.to_dict()}
 
-        def write() -> None:
-            state = {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "train_time": self.state.train_time,
-                     "nonfinite": self.nonfinite.state_dict(),
-                     "optimizer": self.optimizer.state_dict(), "wd_scheduler": self.wd_scheduler.state_dict(),
-                     "data": data_states, "rng": rng_states, "world_size": self.info.world_size,
-                     "wandb_id": self.logger.wandb_id, "config": self.config.to_dict()}
-            path = save_checkpoint(self.run_dir, self.state.step, self.raw_model, state)
+        def prune(path: str) -> None:
             deleted = prune_checkpoints(self.run_dir, self.config.keep_checkpoints, self.state.step)
             tqdm.write(f"saved {path}" + (f" (deleted {', '.join(deleted)}: --keep_checkpoints)" if deleted else ""))
 
-        dist.on_main(write)
+        def write() -> None:
+            prune(save_checkpoint(self.run_dir, self.state.step, self.raw_model,
+                                  {**state, "optimizer": self.optimizer.state_dict()}))
+
+        if parallel.is_sharded(self.raw_model):  # a collective: every rank writes, each stops on a failure
+            path = sharded_checkpoint.save(self.run_dir, self.state.step, self.raw_model, self.optimizer, state,
+                                           full_model=final)
+            dist.on_main(prune, path)
+        else:
+            dist.on_main(write)
         self.saved_step = self.state.step

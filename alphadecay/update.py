@@ -22,8 +22,9 @@ A non-finite loss or gradient norm (`NonfiniteGuard`): with `stop` (default) the
 saving anything from it, after a `nonfinite` event in metrics.jsonl and one paragraph that names the update, the last
 checkpoint and what to try; with `skip` the update is dropped on every rank (no optimizer or weight-decay step; the
 update index, the data and the learning-rate schedule move on, as Megatron-LM counts skipped iterations) and the run
-stops as above after --max_skipped_updates in a row. The gradient norm is global (DDP has reduced the gradients), and
-the per-rank loss flags are summed in step 4, so every rank takes the same decision.
+stops as above after --max_skipped_updates in a row. The gradient norm is global (DDP has reduced the gradients;
+FSDP's shards' norms are summed over the ranks), and the per-rank loss flags are summed in step 4, so every rank
+takes the same decision.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alphadecay import dist
+from alphadecay import dist, parallel
 from alphadecay.checkpoint import latest_checkpoint
 from alphadecay.errors import RunDiverged
 
@@ -46,11 +47,10 @@ def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def gradient_norm(parameters, max_norm: float) -> torch.Tensor:
-    """The global gradient norm before clipping, on the device; clips to `max_norm` when it is > 0."""
-    params = [p for p in parameters if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    """The global gradient norm before clipping, on the device; clips to `max_norm` when it is > 0. On FSDP's
+    sharded gradients too: the norm over all the shards, the same plain tensor on every rank
+    (`parallel.clip_grad_norm`, which on plain tensors is torch's clip_grad_norm_)."""
+    return parallel.clip_grad_norm(parameters, max_norm, foreach=True)
 
 
 @dataclass

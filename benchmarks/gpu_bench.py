@@ -30,6 +30,11 @@ Parts, in order (`--parts` picks some):
   (on the host in float32 before, on the GPU now) and while it resumes a checkpoint (into memory before, mapped
   now), and the GPU's peak of DDP updates without and with gradient_as_bucket_view (1 and 2 micro-batches of
   4 x 256); fails unless the model built on the GPU equals the host build bit for bit.
+- fsdp: `benchmarks/fsdp_check.py` under torchrun, one process per visible GPU: llama_1b in bf16, --parallelism
+  fsdp then ddp, peak memory per rank and tokens/s over 10 updates of 8 rows per rank, against the training state
+  per rank the formula gives (8 bytes per parameter, / N under FSDP); one AlphaDecay pass through the sharded
+  route (time, extra peak memory, alphas against the same weights made whole: fails above 1e-5 relative); a DCP
+  checkpoint's save and load. With one GPU nothing is sharded (N = 1), but every FSDP code path runs on NCCL.
 The report's first line says what ran, on what, how long it took, and whether every check passed. The exit code
 is 1 if a check failed or a part raised, else 0. Out-of-memory in a throughput variant is a result, not a failure.
 
@@ -44,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import math
 import re
 import statistics
@@ -73,7 +79,7 @@ from alphadecay.trainer import Trainer  # noqa: E402
 import startup_memory  # noqa: E402
 from esd_pass import FARMS_TOLERANCE, farms_alpha_diff, farms_at_shapes, farms_totals, max_rel_alpha_diff  # noqa: E402
 
-PARTS = ("tests", "throughput", "largest", "esd", "run", "memory")
+PARTS = ("tests", "throughput", "largest", "esd", "run", "memory", "fsdp")
 GPU_TESTS = ("tests/test_gpu.py", "tests/test_gpu_speed.py")
 ALPHA_TOLERANCE = 1e-4
 MFU_TOLERANCE = 0.05  # the run's logged MFU against the synchronised measurement
@@ -105,6 +111,7 @@ class Plan:
     memory_build_device: str = "cuda:0"
     memory_device: str = "cuda:0"
     memory_ddp: tuple[int, int, str] = (4, 256, "1,2")  # rows, tokens per row, micro-batches per update
+    fsdp: dict = field(default_factory=lambda: {"config": "1b", "micro": 8, "max_length": 256, "timed": 10})
 
     @classmethod
     def cpu_smoke(cls) -> Plan:
@@ -116,7 +123,7 @@ class Plan:
                              "warmup_steps": 2, "lr": 3e-3, "eval_every": 8, "log_every": 1,
                              "target_eval_tokens": 4000, "unbalancedWD_every": 2, "shuffle_buffer": 64},
                    min_loss_drop=0.0, memory_config="1m", memory_build_device="meta", memory_device="cpu",
-                   memory_ddp=(2, 32, "2"))
+                   memory_ddp=(2, 32, "2"), fsdp={"config": "1m", "micro": 2, "max_length": 32, "timed": 2})
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
@@ -425,6 +432,39 @@ def part_memory(plan: Plan, report: Report) -> None:
         report.fail(f"memory: the model built on {plan.memory_build_device} differs from the host build")
 
 
+def part_fsdp(plan: Plan, report: Report) -> None:
+    ranks = torch.cuda.device_count() if plan.device.type == "cuda" else 1
+    with tempfile.TemporaryDirectory(prefix="gpu_check_fsdp-") as tmp:
+        out = Path(tmp) / "fsdp.json"
+        flags = [f"--{k}={v}" for k, v in plan.fsdp.items()] + (["--cpu"] if plan.device.type == "cpu" else [])
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                   str(REPO / "benchmarks" / "fsdp_check.py"), *flags, f"--out={out}"]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0 or not out.exists():
+            report.add(f"## FSDP\n\n`{' '.join(command[1:])}` exited with {done.returncode}:\n\n```\n"
+                       f"{(done.stdout + done.stderr)[-3000:]}\n```")
+            report.fail(f"fsdp: exit code {done.returncode}")
+            return
+        result = json.loads(out.read_text())
+    rows = ["| parallelism | ranks | peak memory per rank (GiB) | training state per rank, formula (GiB) | "
+            "tokens/s (all ranks) |", "|---|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        rows.append(f"| {r['parallelism']} | {r['ranks']} | {fmt(r['peak_bytes'] and r['peak_bytes'] / 2**30, '.2f')} "
+                    f"| {r['state_bytes'] / 2**30:.2f} | {r['tokens_per_s']:,.0f} |")
+    fsdp = result["results"][0]
+    diff = fsdp["esd_max_rel_alpha_diff"]
+    extra = fsdp["esd_extra_peak_bytes"]
+    report.add(f"## FSDP (--parallelism fsdp) vs DDP, llama_{result['config']}\n\n{result['dtype']}, "
+               f"{result['micro']} rows of {result['max_length']} tokens per rank per update, AdamW, "
+               f"{plan.fsdp['timed']} timed updates after 2 warm-up.\n\n" + "\n".join(rows) +
+               f"\n\nOne AlphaDecay pass through the sharded route ({fsdp['esd_modules']} tuned Linears): "
+               f"{fsdp['esd_seconds']:.2f} s, extra peak memory {fmt(extra and extra / 2**20, ',.0f')} MiB per rank, "
+               f"max relative alpha difference from the whole weights {diff:.1e}. DCP checkpoint: save "
+               f"{fsdp['dcp_save_seconds']:.2f} s, load {fsdp['dcp_load_seconds']:.2f} s.")
+    if not diff <= 1e-5:
+        report.fail(f"fsdp: the sharded pass's alphas differ from the whole weights' by {diff:.1e} (> 1e-5)")
+
+
 # -- main ------------------------------------------------------------------------------------------------------------
 def device_label(plan: Plan) -> str:
     return torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
@@ -484,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                 part_run(plan, report, peak_flops)
             elif part == "memory":
                 part_memory(plan, report)
+            elif part == "fsdp":
+                part_fsdp(plan, report)
         except Exception as err:  # noqa: BLE001 - one broken part must not hide the others' results
             report.add(f"## {part}\n\nraised {type(err).__name__}: {err}")
             report.fail(f"{part}: {type(err).__name__}: {err}")

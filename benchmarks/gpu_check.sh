@@ -8,10 +8,12 @@
 #   must be within 5% of the synchronised measurement of the same model and micro-batch;
 #   llama_1b's start-up memory (host peak of building it and of resuming it, before vs now; the GPU build must
 #   equal the host build bit for bit) and DDP's gradient memory without and with gradient_as_bucket_view;
+#   llama_1b under --parallelism fsdp vs ddp on every visible GPU (memory per rank, tokens/s, the sharded spectral
+#   pass, a DCP checkpoint round trip);
 # writes docs/perf/gpu-<device>.md and prints it (its first line: what ran, how long, whether every check passed).
 #
 #   benchmarks/gpu_check.sh                           # everything (meant for <= 8 min on one H100; untimed)
-#   benchmarks/gpu_check.sh --parts throughput,run     # some parts: tests, throughput, largest, esd, run, memory
+#   benchmarks/gpu_check.sh --parts throughput,run     # some parts: tests, throughput, largest, esd, run, memory, fsdp
 #   benchmarks/gpu_check.sh --cpu-smoke               # every part reduced, on CPU (the test suite runs this)
 #   benchmarks/gpu_check.sh --peak_tflops 756         # MFU on a GPU missing from alphadecay/mfu.py's table
 #

@@ -41,9 +41,9 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = (tmp_path / "cpu-smoke.md").read_text()
     first = report.splitlines()[0]
-    assert re.fullmatch(r"gpu_check --cpu-smoke on cpu \(.*\): tests, throughput, largest, esd, run, memory in "
+    assert re.fullmatch(r"gpu_check --cpu-smoke on cpu \(.*\): tests, throughput, largest, esd, run, memory, fsdp in "
                         r"[\d.]+ min \(tests \d+ s, throughput \d+ s, largest \d+ s, esd \d+ s, run \d+ s, "
-                        r"memory \d+ s\); all checks passed", first), first
+                        r"memory \d+ s, fsdp \d+ s\); all checks passed", first), first
     assert report in done.stdout
     assert re.search(r"`pytest -m gpu tests/test_gpu.py tests/test_gpu_speed.py`: \d+ skipped", report)
     throughput = re.findall(r"^\| 1m \| 4 \| (eager|compiled) \| (full|chunked 48) \| ([\d,]+) \|", report, re.M)
@@ -59,3 +59,5 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
                      r"identical: yes \|$", report, re.M)
     assert len(re.findall(r"^\| (resume llama_1m .* to cpu|DDP llama_1m, 2 micro-batch\(es\) of 2 x 32) \| "
                           r"[^|]+ \| [\d,]+ MiB[^|]* \| [\d,]+ MiB[^|]* \| [\d.]+ \| \|$", report, re.M)) == 3
+    assert re.search(r"^\| fsdp \| 1 \| — \| [\d.]+ \| [\d,]+ \|$", report, re.M)
+    assert re.search(r"max relative alpha difference from the whole weights \d\.\de[-+]\d\d\. DCP checkpoint: save", report)

@@ -1,9 +1,10 @@
 """`python -m alphadecay.esd PATH`: the spectral report of a saved model, and the decays AlphaDecay would assign.
 
 PATH is the `save_pretrained` directory of any Hugging Face causal LM (config.json + weights: LLaMA, GPT-2, Qwen2,
-Mistral, GPT-NeoX, ...), one of our checkpoints (`model_<step>`), a run directory (its latest checkpoint), a hub
-model name (e.g. `gpt2`; offline, a clear error naming the local alternatives), or a LLaMA config JSON such as
-configs/llama_60m.json (the model as initialised with --seed, i.e. what AlphaDecay's pass at update 0 sees). One
+Mistral, GPT-NeoX, ...), one of our checkpoints (`model_<step>`; an FSDP run's is read from its DCP shards when it
+has no model.safetensors), a run directory (its latest checkpoint), a hub model name (e.g. `gpt2`; offline, a
+clear error naming the local alternatives), or a LLaMA config JSON such as configs/llama_60m.json (the model as
+initialised with --seed, i.e. what AlphaDecay's pass at update 0 sees). One
 row per weight module (nn.Linear, nn.Conv2d, Hugging Face's Conv1D: alphadecay.wd.weight_modules) in module order,
 of its matrix (out, in) (a Conv1D's weight transposed: `module_matrix`): shape, alpha, KS distance D, spectral norm
 sigma_max (the true one, sqrt of the largest eigenvalue of WᵀW), stable rank, and the weight decay AlphaDecay would
@@ -60,7 +61,12 @@ def load_model(path: str, seed: int = 0) -> torch.nn.Module:
 
         return build_model(load_model_config(path), seed=seed)
     if os.path.exists(path):
-        path = find_model_dir(path)  # a run directory: its latest checkpoint
+        path = find_model_dir(path)  # a run directory: its latest checkpoint (verified)
+        from alphadecay import sharded_checkpoint
+
+        if (sharded_checkpoint.is_sharded_checkpoint(path)  # an FSDP run's checkpoint without a save_pretrained copy
+                and not os.path.isfile(os.path.join(path, "model.safetensors"))):
+            return sharded_checkpoint.load_model(path)
     elif is_hub_name(path):
         check_hub_reachable(f"the model {path}", hint=OFFLINE_MODEL_HINT)  # offline: an error within seconds
     else:

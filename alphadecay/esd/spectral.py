@@ -559,12 +559,21 @@ def module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], *, need_ei
 def _metric_rows(weights: list[torch.Tensor], eigs_thresh: int, fit_kwargs: dict,
                  farms: FarmsSampling | None = None) -> torch.Tensor:
     """(len(weights), len(METRIC_KEYS)) float64 rows; fits are batched over modules with the same N."""
-    rows = torch.empty(len(weights), len(METRIC_KEYS), dtype=torch.float64)
-    by_size: dict[int, list[int]] = defaultdict(list)
     gram_dtype = torch.float64 if fit_kwargs["method"] in SMALL_EIGENVALUE_FITS else None
-    all_eigs = eigenvalues(weights, gram_dtype=gram_dtype)
-    farms_fits = (_batched_fits(farms_eigenvalues(weights, farms, gram_dtype=gram_dtype), fit_kwargs)
-                  if farms is not None else None)
+    return metric_rows(eigenvalues(weights, gram_dtype=gram_dtype), eigs_thresh, fit_kwargs,
+                       farms_eigenvalues(weights, farms, gram_dtype=gram_dtype) if farms is not None else None)
+
+
+def metric_rows(all_eigs: list[torch.Tensor], eigs_thresh: int, fit_kwargs: dict,
+                farms_spectra: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """(modules, METRIC_KEYS) float64 rows from each module's eigenvalues (ascending float64, as `eigenvalues`
+    gives them; NaN for a non-finite weight, which gives a row of NaN): fits batched over modules with the same
+    number of eigenvalues, alpha and D from the FARMS spectra (`farms_eigenvalues`) when given, NaN below
+    eigs_thresh eigenvalues. What `module_metrics` computes once it has the eigenvalues; the sharded pass
+    (alphadecay/esd/sharded.py) gets them another way and calls this too."""
+    rows = torch.empty(len(all_eigs), len(METRIC_KEYS), dtype=torch.float64)
+    by_size: dict[int, list[int]] = defaultdict(list)
+    farms_fits = _batched_fits(farms_spectra, fit_kwargs) if farms_spectra is not None else None
     for i, e in enumerate(all_eigs):
         by_size[len(e)].append(i)
     for size, idx in by_size.items():

@@ -8,7 +8,8 @@ As a multiplier of each group's base decay (--weight_decay for every group in th
 group's decay is base * lambda_bar / --weight_decay, i.e. lambda_bar itself. `step()` raises when no parameter has
 a gradient (it was called before backward() or after zero_grad()).
 
-The norms cost one host transfer per update (torch._foreach_norm), not two per parameter as in the official code.
+The norms cost one host transfer per update (torch._foreach_norm), not two per parameter as in the official code;
+on FSDP's DTensor shards, one all-reduce of the shards' squared norms (alphadecay/wd/norms.py).
 The gradients are already reduced across ranks; lambda_t is still broadcast from rank 0 so replicas can never drift.
 The official ViT code steps AWD on every micro-batch (ViT-training/engine.py:90-91), on the partial gradient
 accumulated so far; we step it once per update on the whole gradient. The two are the same with --update_freq 1,
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from alphadecay import dist
+from alphadecay.wd.norms import global_norm
 from alphadecay.wd.registry import WeightDecayError
 from alphadecay.wd.scheduler import WDUpdate
 
@@ -32,9 +34,7 @@ def global_norms(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise WeightDecayError("AWD scales the decay by ||g|| / ||w||, but no parameter has a gradient: call the "
                                "scheduler's step() after loss.backward() (and clipping) and before optimizer.step() / "
                                "zero_grad(), once per optimizer update.")
-    grads = torch.stack([n.double() for n in torch._foreach_norm([p.grad for p in params])])
-    weights = torch.stack([n.double() for n in torch._foreach_norm([p.detach() for p in params])])
-    return grads.pow(2).sum().sqrt(), weights.pow(2).sum().sqrt()
+    return global_norm([p.grad for p in params]), global_norm([p.detach() for p in params])
 
 
 class AWD:

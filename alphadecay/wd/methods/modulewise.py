@@ -3,7 +3,8 @@
 LLaMA timing: at update 0 and whenever (update + 1) % every == 0 (official torchrun_main.py:421-424), after
 the gradients are reduced and before the optimizer step:
   1. a score per tuned Linear module: a spectral metric of its weight (alpha by default: the Hill exponent of the
-     ESD, `alphadecay.esd`, computed once and shared out across ranks) or its gradient norm (no eigenvalues);
+     ESD, `alphadecay.esd`, computed once and shared out across ranks; on FSDP's row-sharded weights without
+     gathering them everywhere, `alphadecay.esd.sharded`) or its gradient norm (no eigenvalues);
   2. a map from scores to decay multipliers (`alphadecay.assign`; tb_linear_map onto [wd_min_ratio, wd_max_ratio]
      for AlphaDecay: a heavier tail, i.e. a smaller alpha, gets less decay);
   3. the multipliers are broadcast from rank 0, so every replica applies the same decays.
@@ -40,8 +41,10 @@ import torch
 from torch import nn
 
 from alphadecay import dist, esd
+from alphadecay.esd.sharded import module_metrics
 from alphadecay.wd.assign import assign
 from alphadecay.wd.groups import layer_index, module_kind, module_matrix, tied_modules, weight_modules
+from alphadecay.wd.norms import tensor_norms
 from alphadecay.wd.registry import WeightDecayError
 from alphadecay.wd.scheduler import TYPE_KEYS, WDUpdate
 
@@ -113,7 +116,7 @@ class ModulewiseDecay:
                 f"metric {self.metric!r} reads the gradients, but no tuned module has one: call the scheduler's "
                 "step() after loss.backward() (and clipping) and before optimizer.step() / zero_grad(), once per "
                 "optimizer update.")
-        norms = iter(torch.stack(torch._foreach_norm(present)).double().cpu().tolist())
+        norms = iter(tensor_norms(present).cpu().tolist())  # DTensor shards too: one all-reduce
         return np.array([next(norms) if g is not None else GRADNORM_AT_INIT for g in grads])
 
     def scores(self, model: nn.Module, initial: bool) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
@@ -121,8 +124,8 @@ class ModulewiseDecay:
         stats: dict[str, dict[str, float]] = {}
         if self.needs_eigs:
             modules = dict(weight_modules(model))
-            stats = esd.module_metrics([(n, module_matrix(modules[n]).detach()) for n in self.modules],
-                                       **self.fit_kwargs)
+            stats = module_metrics([(n, module_matrix(modules[n]).detach()) for n in self.modules],
+                                   **self.fit_kwargs)  # esd.module_metrics, or its sharded route for DTensors
         if self.metric == "gradnorm":
             return self.gradient_norms(model, initial), stats
         if self.metric == "gradnorm_d_weightnorm":
