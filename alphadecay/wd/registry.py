@@ -123,7 +123,7 @@ class Method:
     about: str  # one line
     options: tuple[str, ...] = ()  # the OPTIONS it takes
     defaults: dict[str, Any] = field(default_factory=dict)  # option values the name implies
-    flags: dict[str, Any] = field(default_factory=dict)  # the official flags it stands for (the configs' --wd_scheduler)
+    flags: dict[str, Any] = field(default_factory=dict)  # the official flags it stands for (configs' --wd_scheduler)
     kind: str = "multipliers"  # or "form" (the module docstring); "multipliers+form" names combine one of each
     # The unit of the base decay it expects (DECAY_UNITS), which the timescale rule (timescale_weight_decay) needs.
     decay_unit: str = "adamw"
