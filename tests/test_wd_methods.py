@@ -8,7 +8,10 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -397,7 +400,59 @@ def test_the_timescale_rule_sets_the_base_decay():
 
 
 def test_every_registered_method_is_in_the_readmes_table():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = README.read_text()
     table = readme[readme.index("| name | source |"):]
     table = table[:table.index("\n\n")]
-    assert [line.split("|")[1].strip().strip("`") for line in table.splitlines()[2:]] == list(METHODS)
+    assert [re.match(r"\| `([^`]+)`", line).group(1) for line in table.splitlines()[2:]] == list(METHODS)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_EXAMPLE_RUN = """
+import shutil, sys
+import alphadecay.wd.methods
+alphadecay.wd.methods.__path__.append({extension!r})  # where the example's file lies (not the package's own folder)
+from alphadecay.wd.registry import METHODS, Method
+METHODS.update({{{entry}}})  # the README's registry line, as written
+import torch, torchrun_main, vit_main
+import alphadecay.wd as wd
+from alphadecay.model import build_model, load_model_config
+from tests.conftest import TINY_CONFIG, train_args, vit_args
+flags = dict(wd_scheduler="lr_proportional", num_training_steps=6, warmup_steps=2, eval_every=100, save_every=3)
+assert torchrun_main.main(train_args({out!r} + "/straight", **flags)) == 0
+shutil.copytree({out!r} + "/straight/model_3", {out!r} + "/resumed/model_3")
+assert torchrun_main.main(train_args({out!r} + "/resumed", continue_from={out!r} + "/resumed/model_3", **flags)) == 0
+assert vit_main.main(vit_args({digits!r}, {out!r} + "/vit", wd_scheduler="lr_proportional", epochs=1)) == 0
+model = build_model(load_model_config(TINY_CONFIG), seed=0)
+optimizer = torch.optim.AdamW(wd.module_param_groups(model, 0.1), lr=1e-3)
+scheduler = wd.create("lr_proportional", model, optimizer)
+optimizer.param_groups[0]["lr"] = 5e-4
+assert scheduler.step() == {{"wd_lr_multiplier": 0.5}}, "library"
+assert {{g["weight_decay"] for g in optimizer.param_groups}} == {{0.05}}, "library decays"
+"""
+
+
+def test_the_readmes_adding_a_method_example_runs_as_written(tmp_path, digits_subset):
+    """The README's method file and registry line, as written, train both entry points, resume exactly and work
+    through alphadecay.wd.create (in a fresh interpreter: the configs read the registry when they are imported)."""
+    text = README.read_text()
+    section = text[text.index("**Adding a method**"):text.index("## Reproducing the paper's tables")]
+    method_file, entry = re.findall(r"```python\n(.*?)```", section, re.S)
+    path = method_file.splitlines()[0].lstrip("# ").strip()
+    assert path == "alphadecay/wd/methods/lr_proportional.py" and (README.parent / path).parent.is_dir()
+    assert f'"{path[:-3].replace("/", ".")}:build"' in entry
+    (tmp_path / "extension").mkdir()
+    (tmp_path / "extension" / "lr_proportional.py").write_text(method_file)
+    script = README_EXAMPLE_RUN.format(extension=str(tmp_path / "extension"), entry=entry.strip().rstrip(","),
+                                       out=str(tmp_path), digits=str(digits_subset))
+    done = subprocess.run([sys.executable, "-c", script], cwd=README.parent, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    multipliers, lrs = by_step(straight, "wd_lr_multiplier"), by_step(straight, "lr")
+    assert sorted(multipliers) == list(range(1, 7)) and len(set(multipliers.values())) > 2
+    for step, multiplier in multipliers.items():
+        assert multiplier == pytest.approx(lrs[step] / 3e-3)
+        assert by_step(straight, "weight_decay")[step] == pytest.approx(0.1 * multiplier)
+    for key in ("loss", "wd_lr_multiplier"):
+        assert by_step(resumed, key) == {s: v for s, v in by_step(straight, key).items() if s > 3}, key
+    assert by_step(read_metrics(tmp_path / "vit"), "wd_lr_multiplier")
