@@ -51,26 +51,29 @@ def options_for(name: str, peak_lr: float | None = None) -> dict:
     return options
 
 
-def tiny(dtype=torch.float64):
-    return build_model(load_model_config(TINY_CONFIG), seed=0).to(dtype)
+KERNELS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}  # torch's AdamW
 
 
-def batch(update: int) -> torch.Tensor:
-    return torch.randint(3, 8000, (2, 16), generator=torch.Generator().manual_seed(update))
+def tiny(dtype=torch.float64, device="cpu"):
+    return build_model(load_model_config(TINY_CONFIG), seed=0).to(device, dtype)
+
+
+def batch(update: int, device="cpu") -> torch.Tensor:
+    return torch.randint(3, 8000, (2, 16), generator=torch.Generator().manual_seed(update)).to(device)
 
 
 def loss_of(model, update: int) -> torch.Tensor:
-    ids = batch(update)
+    ids = batch(update, next(model.parameters()).device)
     return model(input_ids=ids, labels=ids).loss
 
 
 # -- known answers: each method = a float64 step-by-step reference of its equations ----------------------------------
 def reference_run(name: str, multipliers_at: list[dict[str, float]], *, lr: float, base: float | None = None,
-                  betas=(0.9, 0.95), eps=1e-8):
+                  betas=(0.9, 0.95), eps=1e-8, device="cpu"):
     """Six AdamW updates of the float64 model written out by hand: m, v, their bias corrections, Adam's update u,
     and the method's decay of the pre-update p (module docstrings), with the base decay x the module-wise multipliers
     a combination's first method set (`multipliers_at[t]`: module -> multiplier at update t)."""
-    model = tiny()
+    model = tiny(device=device)
     base, form = decay_for(name) if base is None else base, name.split("+")[-1]
     params = dict(model.named_parameters())
     m = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -102,11 +105,12 @@ def reference_run(name: str, multipliers_at: list[dict[str, float]], *, lr: floa
     return {n: p.detach().clone() for n, p in params.items()}
 
 
-def library_run(name: str, *, lr: float, betas=(0.9, 0.95), eps=1e-8, **options):
-    """The same six updates through alphadecay.wd.create, the lr set by a torch LR scheduler (so lr_max is each
-    group's initial_lr); also the module-wise multipliers at each update."""
-    model = tiny()
-    optimizer = torch.optim.AdamW(module_param_groups(model, decay_for(name)), lr=lr, betas=betas, eps=eps)
+def library_run(name: str, *, lr: float, betas=(0.9, 0.95), eps=1e-8, kernel="forloop", device="cpu", **options):
+    """The same six updates through alphadecay.wd.create on torch's AdamW `kernel`, the lr set by a torch LR
+    scheduler (so lr_max is each group's initial_lr); also the module-wise multipliers at each update."""
+    model = tiny(device=device)
+    optimizer = torch.optim.AdamW(module_param_groups(model, decay_for(name)), lr=lr, betas=betas, eps=eps,
+                                  **KERNELS[kernel])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: LR_FACTORS[min(t, len(LR_FACTORS) - 1)])
     scheduler = wd.create(name, model, optimizer, **options)
     multipliers = []
@@ -124,16 +128,24 @@ def max_relative_error(got: dict, expected: dict) -> float:
     return max(float((got[n] - expected[n]).norm() / expected[n].norm()) for n in expected)
 
 
-@pytest.mark.parametrize("name", NEW + COMBINATIONS)
-def test_each_method_equals_a_float64_reference_of_its_equations(name):
-    got, multipliers = library_run(name, lr=1e-2, **options_for(name))
-    expected = reference_run(name, multipliers, lr=1e-2)
+@pytest.mark.parametrize("name,kernel", [(n, "forloop") for n in NEW + COMBINATIONS]
+                         + [("cautious", "foreach"), ("swd", "foreach")])
+def test_each_method_equals_a_float64_reference_of_its_equations(name, kernel, device="cpu"):
+    got, multipliers = library_run(name, lr=1e-2, kernel=kernel, device=device, **options_for(name))
+    expected = reference_run(name, multipliers, lr=1e-2, device=device)
     assert max_relative_error(got, expected) <= 1e-10
     # the reference can tell the method from plain AdamW at the same base decay
-    plain = reference_run("uniform", [{}] * len(LR_FACTORS), lr=1e-2, base=decay_for(name))
+    plain = reference_run("uniform", [{}] * len(LR_FACTORS), lr=1e-2, base=decay_for(name), device=device)
     assert max_relative_error(plain, expected) > 1e-6
     if name.startswith("alphadecay"):
         assert len({round(x, 9) for x in multipliers[0].values()}) > 2  # the module-wise decays are not all equal
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["fused", "foreach"])
+@pytest.mark.parametrize("name", NEW + ("alphadecay+cautious",))
+def test_each_method_equals_its_reference_with_torchs_cuda_kernels(name, kernel):
+    test_each_method_equals_a_float64_reference_of_its_equations(name, kernel, device="cuda")
 
 
 def test_adamc_all_groups_also_corrects_the_norms():
