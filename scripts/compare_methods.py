@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one process, one thread)")
     parser.add_argument("--runs_dir", default="runs/methods_cpu", help="where the runs go")
     parser.add_argument("--out_dir", default="docs/methods_cpu", help="where the table, plot and results go")
-    argv, extra = list(sys.argv[1:] if argv is None else argv), []
+    given = list(sys.argv[1:] if argv is None else argv)
+    argv, extra = given, []
     if "--" in argv:
         argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     args = parser.parse_args(argv)
@@ -98,8 +99,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if unknown or missing:
         parser.error(f"unknown method(s) {unknown} (see alphadecay.wd.registry.names()); no decay grid for "
                      f"{missing} (give --decays)")
-    args.command = "scripts/compare_methods.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
-                                                                                      else argv + ["--"] + extra))
+    args.command = " ".join(["scripts/compare_methods.py", *(shlex.quote(a) for a in given)])
     return args, extra
 
 
@@ -204,7 +204,8 @@ def write_table(sweep: dict, chosen: dict, results: dict, args: argparse.Namespa
              "the table shows that each method runs and what it does to a small model in a short run, not how the "
              "methods rank at scale.", "",
              "| method | decay | eval ppl (token mean) | eval ppl (official estimator) | final train loss | "
-             "Δ ppl vs Uniform, per seed | exceeds seed spread? |", "|---|---:|---:|---:|---:|---|---|"]
+             "Δ ppl vs Uniform, per seed | mean Δ ± std | exceeds the seed spread? | same sign at every seed? |",
+             "|---|---:|---:|---:|---:|---|---:|---|---|"]
     base = [results[("uniform", s)]["eval_ppl"] for s in seeds] if "uniform" in chosen else None
     base_ms = mean_std(base) if base else None
     verdicts = {}
@@ -213,25 +214,29 @@ def write_table(sweep: dict, chosen: dict, results: dict, args: argparse.Namespa
         official = [results[(method, s)]["eval_ppl_official"] for s in seeds]
         loss = [results[(method, s)]["train_loss"] for s in seeds]
         (m, sd), (mo, so), (ml, sl) = mean_std(ppl), mean_std(official), mean_std(loss)
-        diff, verdict = "", ""
+        cells = ["", "", "", ""]
         if base and method != "uniform":
             deltas = [p - b for p, b in zip(ppl, base)]
-            diff = ", ".join(f"{d:+.2f}" for d in deltas)
             exceeds = abs(m - base_ms[0]) > max(sd, base_ms[1])
             consistent = all(d < 0 for d in deltas) or all(d > 0 for d in deltas)
-            verdict = (("yes" if exceeds else "no") + (", consistent" if consistent else ", mixed signs"))
+            cells = [", ".join(f"{d:+.2f}" for d in deltas), "{:+.2f} ± {:.2f}".format(*mean_std(deltas)),
+                     "yes" if exceeds else "no", "yes" if consistent else "no"]
             verdicts[method] = (m - base_ms[0], exceeds, consistent)
         lines.append(f"| {label(method)} | {chosen[method]:g} | {m:.2f} ± {sd:.2f} | {mo:.2f} ± {so:.2f} | "
-                     f"{ml:.4f} ± {sl:.4f} | {diff} | {verdict} |")
+                     f"{ml:.4f} ± {sl:.4f} | " + " | ".join(cells) + " |")
     lines += ["", "Mean ± sample standard deviation over the seeds. Δ: the method's perplexity minus Uniform's at the "
               "same seed (same initialisation and data order). A difference *exceeds the seed spread* when the two "
-              "means differ by more than the larger of the two standard deviations; *consistent* when its sign is "
-              "the same at every seed.", ""]
+              "means differ by more than the larger of the two methods' standard deviations over the seeds; the "
+              "paired view (Δ per seed, and whether it has the same sign at every seed) removes the part of that "
+              "spread the seed causes in both methods alike.", ""]
     if verdicts:
-        above = [f"{label(m)} ({d:+.2f})" for m, (d, exceeds, _) in verdicts.items() if exceeds]
-        below = [f"{label(m)} ({d:+.2f})" for m, (d, exceeds, _) in verdicts.items() if not exceeds]
-        lines += [f"Differences from Uniform that exceed the seed spread: {', '.join(above) or 'none'}. Within it: "
-                  f"{', '.join(below) or 'none'}.", ""]
+        def names(keep):
+            return ", ".join(f"{label(m)} ({d:+.2f})" for m, (d, exceeds, same) in verdicts.items()
+                             if keep(exceeds, same)) or "none"
+
+        lines += [f"Differences from Uniform that exceed the seed spread: {names(lambda e, c: e)}. Within the seed "
+                  f"spread but of the same sign at every seed: {names(lambda e, c: not e and c)}. Within it and of "
+                  f"mixed signs: {names(lambda e, c: not e and not c)}.", ""]
     lines += ["## The sweep that chose each decay", "",
               f"Seed {args.sweep_seed}, otherwise the runs above; final evaluation perplexity (token mean); the chosen "
               "decay (lowest) in bold. Each grid is three values on the scale the method expects (README, the "

@@ -248,10 +248,12 @@ def test_compare_methods_table_says_which_differences_exceed_the_seed_spread(tmp
     compare.write_table(sweep, chosen, results, args, tmp_path / "table.md", "Time: test.")
     compare.plot(chosen, results, [1, 2, 3], tmp_path / "perplexity.png")
     table = (tmp_path / "table.md").read_text()
-    assert "| Cautious | 0.3 | 95.00 ± 1.00 | 85.00 ± 1.00 | 4.6000 ± 0.0000 | -5.00, -6.00, -4.00 | yes, consistent |" \
+    assert ("| Cautious | 0.3 | 95.00 ± 1.00 | 85.00 ± 1.00 | 4.6000 ± 0.0000 | -5.00, -6.00, -4.00 | -5.00 ± 1.00 | "
+            "yes | yes |") in table
+    assert "| SWD | 5e-05 | 99.67 ± 3.06 | 89.67 ± 3.06 | 4.6000 ± 0.0000 | -1.00, +1.00, -1.00 | -0.33 ± 1.15 | no | no |" \
         in table
-    assert "| SWD | 5e-05 | 99.67 ± 3.06 |" in table and "| +0.67 |" not in table and "no, mixed signs" in table
-    assert "exceed the seed spread: Cautious (-5.00). Within it: SWD (-0.33)" in table
+    assert ("exceed the seed spread: Cautious (-5.00). Within the seed spread but of the same sign at every seed: "
+            "none. Within it and of mixed signs: SWD (-0.33).") in table
     assert "| Uniform | 0.1 → 101.00, **0.3 → 99.00** |" in table and "A CPU toy" in table
     assert (tmp_path / "perplexity.png").stat().st_size > 10_000
 
