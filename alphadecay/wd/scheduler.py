@@ -16,8 +16,8 @@ combination such as `alphadecay+cautious`, for this update's decays. A group's d
 1 / sqrt(v_bar)); both start at 1. torch applies it as the group's `weight_decay`, except when a rule applies the
 decay itself (`apply_decay`: cautious decay's per-element mask): then `weight_decay` is 0 and the rule decays the
 parameters before optimizer.step(). These keys are the group's, so they travel in the optimizer's state_dict.
-`step()` returns what to log — the rules' metrics plus `wd/<module>` for every module whose multiplier it set, the
-per-type means and the parameter-weighted mean multiplier — or None when nothing changed.
+`step()` returns what to log — the rules' metrics plus `wd/<module>` (base x multiplier) for every module whose
+multiplier it set, the per-type means and the parameter-weighted mean multiplier — or None when nothing changed.
 
 Decays reach the optimizer by name, never by position. A tuned module's group is found, at every change (torch's
 `Optimizer.load_state_dict` replaces the group dicts), by the group's `"name"` (module_param_groups sets it),
@@ -196,11 +196,12 @@ class Scheduler:
         return metrics
 
     def _decay_metrics(self, groups: dict[str, dict], changed: dict[str, float]) -> dict[str, float]:
-        """wd/<module> for every module set, the per-type mean decays, and the parameter-weighted mean multiplier."""
-        out = {f"wd/{m}": decay_of(groups[m]) for m in changed}
+        """wd/<module> (its module-wise decay, base x multiplier, before a form's factor for the update) for every
+        module set, the per-type mean decays, and the parameter-weighted mean multiplier."""
+        out = {f"wd/{m}": modulewise_decay(groups[m]) for m in changed}
         kinds: dict[str, list[float]] = {}
         for m in changed:
-            kinds.setdefault(module_kind(m), []).append(decay_of(groups[m]))
+            kinds.setdefault(module_kind(m), []).append(modulewise_decay(groups[m]))
         for kind, key in TYPE_KEYS.items():
             if kind in kinds:
                 out[f"wd_{key}"] = float(np.mean(kinds[kind]))
@@ -230,6 +231,10 @@ class Scheduler:
 
     def __repr__(self) -> str:
         return f"Scheduler({self.name!r}, update={self.update}, tuned modules={len(getattr(self.rule, 'modules', ()))})"
+
+
+def modulewise_decay(group: dict) -> float:
+    return group["base_weight_decay"] * group["wd_multiplier"]
 
 
 def decay_of(group: dict) -> float:
