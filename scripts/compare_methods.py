@@ -244,9 +244,15 @@ def write_table(sweep: dict, chosen: dict, results: dict, args: argparse.Namespa
               f"combinations; for independent the same decays x lr_max ({LR:g}), so its runs repeat Uniform's; "
               "AWD's and SWD's from the gradient statistic they scale by on this model.", "",
               "| method | decays → eval ppl |", "|---|---|"]
+    edges = []
     for method, by_decay in sweep.items():
         cells = [(f"**{d:g} → {p:.2f}**" if d == chosen[method] else f"{d:g} → {p:.2f}") for d, p in by_decay.items()]
         lines.append(f"| {label(method)} | " + ", ".join(cells) + " |")
+        if chosen[method] in (min(by_decay), max(by_decay)):
+            edges.append(f"{label(method)} ({'smallest' if chosen[method] == min(by_decay) else 'largest'})")
+    if edges:
+        lines += ["", f"The chosen decay is at an edge of its grid for {', '.join(edges)}: the sweep did not bracket "
+                  "a best decay there, so a decay beyond the grid may do better."]
     lines += ["", "## The command", "", "```bash", args.command, "```", ""]
     path.write_text("\n".join(lines))
 

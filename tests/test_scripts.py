@@ -255,6 +255,7 @@ def test_compare_methods_table_says_which_differences_exceed_the_seed_spread(tmp
     assert ("exceed the seed spread: Cautious (-5.00). Within the seed spread but of the same sign at every seed: "
             "none. Within it and of mixed signs: SWD (-0.33).") in table
     assert "| Uniform | 0.1 → 101.00, **0.3 → 99.00** |" in table and "A CPU toy" in table
+    assert "at an edge of its grid for Uniform (largest), Cautious (smallest)" in table
     assert (tmp_path / "perplexity.png").stat().st_size > 10_000
 
 
