@@ -31,6 +31,7 @@ import concurrent.futures
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -155,13 +156,13 @@ def train(flags: list[str], run_dir: Path) -> float:
     return seconds
 
 
-def run_all(runs: list[tuple[str, float, int]], args: argparse.Namespace, extra: list[str], stage: str) -> None:
-    """Train the runs not finished yet, --jobs at a time (DRY_RUN=1: print their commands)."""
+def run_all(runs: list[tuple[str, float, int]], args: argparse.Namespace, extra: list[str], stage: str) -> int:
+    """Train the runs not finished yet, --jobs at a time (DRY_RUN=1: print their commands); how many it trained."""
     if os.environ.get("DRY_RUN") == "1":
         for method, decay, seed in runs:
             flags = run_flags(method, decay, seed, Path(args.runs_dir) / run_name(method, decay, seed), args, extra)
             print(" ".join(shlex.quote(a) for a in [sys.executable, "torchrun_main.py", *flags]))
-        return
+        return 0
     todo = [(m, d, s) for m, d, s in runs if not finished(Path(args.runs_dir) / run_name(m, d, s), args.steps)]
     print(f"{stage}: {len(runs)} runs, {len(runs) - len(todo)} already finished", file=sys.stderr, flush=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -172,6 +173,7 @@ def run_all(runs: list[tuple[str, float, int]], args: argparse.Namespace, extra:
         for future in concurrent.futures.as_completed(futures):
             final = result(futures[future])
             print(f"  {futures[future].name}: eval ppl {final['eval_ppl']:.2f} ({future.result():.0f} s)", flush=True)
+    return len(todo)
 
 
 def result(run_dir: Path) -> dict:
@@ -198,7 +200,7 @@ def write_table(sweep: dict, chosen: dict, results: dict, args: argparse.Namespa
              f"(cosine to 0.1x after {args.warmup_steps or max(1, args.steps // 10)} warmup updates), {args.steps} "
              f"updates of {args.batch_size} x {args.max_length} tokens, float32, one process. Evaluation on the first "
              f"{args.eval_tokens:,} validation tokens. Seeds {', '.join(map(str, seeds))} (initialisation and data "
-             f"order); each method at the decay its sweep chose (seed {args.sweep_seed}, below). {wall}", "",
+             f"order); each method at the decay its sweep chose (seed {args.sweep_seed}, below).", "", wall, "",
              "**A CPU toy.** A 2.85M-parameter model trained for a few hundred updates on a 3 MB sample is far from the "
              "regime these methods were designed for (LLM pretraining at 60M-1B parameters over billions of tokens): "
              "the table shows that each method runs and what it does to a small model in a short run, not how the "
@@ -243,11 +245,16 @@ def write_table(sweep: dict, chosen: dict, results: dict, args: argparse.Namespa
               "table of methods): AdamW's decay for uniform, adadecay, alphadecay, adamc, cautious and the "
               f"combinations; for independent the same decays x lr_max ({LR:g}), so its runs repeat Uniform's; "
               "AWD's and SWD's from the gradient statistic they scale by on this model.", "",
-              "| method | decays → eval ppl |", "|---|---|"]
+              "| method | decays → eval ppl | Δ vs Uniform: the sweep's seed | the comparison's seeds (mean) |",
+              "|---|---|---:|---:|"]
     edges = []
     for method, by_decay in sweep.items():
         cells = [(f"**{d:g} → {p:.2f}**" if d == chosen[method] else f"{d:g} → {p:.2f}") for d, p in by_decay.items()]
-        lines.append(f"| {label(method)} | " + ", ".join(cells) + " |")
+        deltas = ["", ""]
+        if "uniform" in sweep and method != "uniform":
+            deltas = [f"{by_decay[chosen[method]] - sweep['uniform'][chosen['uniform']]:+.2f}",
+                      f"{verdicts[method][0]:+.2f}" if method in verdicts else ""]
+        lines.append(f"| {label(method)} | " + ", ".join(cells) + " | " + " | ".join(deltas) + " |")
         if chosen[method] in (min(by_decay), max(by_decay)):
             edges.append(f"{label(method)} ({'smallest' if chosen[method] == min(by_decay) else 'largest'})")
     if edges:
@@ -294,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     start, load_before = time.perf_counter(), os.getloadavg()[1]
     grids = {m: tuple(args.decays.get(m, DECAY_GRIDS.get(m, ()))) for m in args.methods}
     sweep_runs = [(m, d, args.sweep_seed) for m in args.methods if len(grids[m]) > 1 for d in grids[m]]
-    run_all(sweep_runs, args, extra, "sweep")
+    trained = run_all(sweep_runs, args, extra, "sweep")
     if os.environ.get("DRY_RUN") == "1":
         run_all([(m, grids[m][0], s) for m in args.methods for s in args.seeds], args, extra, "comparison")
         return 0
@@ -302,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
              for m in args.methods if len(grids[m]) > 1}
     chosen = {m: (min(sweep[m], key=sweep[m].get) if m in sweep else grids[m][0]) for m in args.methods}
     print("chosen decays: " + ", ".join(f"{m} {d:g}" for m, d in chosen.items()), flush=True)
-    run_all([(m, chosen[m], s) for m in args.methods for s in args.seeds], args, extra, "comparison")
+    trained += run_all([(m, chosen[m], s) for m in args.methods for s in args.seeds], args, extra, "comparison")
     results = {(m, s): result(Path(args.runs_dir) / run_name(m, chosen[m], s)) for m in args.methods
                for s in args.seeds}
     out = Path(args.out_dir)
@@ -311,9 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     runs_seconds = sum(float((Path(args.runs_dir) / run_name(m, d, s) / "wall_seconds").read_text())
                        for m, d, s in sweep_runs + [(m, chosen[m], s) for m in args.methods for s in args.seeds])
     timing = (f"Time: {runs_seconds / 60:.0f} min of runs ({len(set(sweep_runs)) + len(results)} runs, {args.jobs} at "
-              f"a time), {wall / 60:.0f} min of wall time for this invocation, on {os.cpu_count()} cores with a 5-min "
+              f"a time), {wall / 60:.0f} min of wall time for the invocation that trained them, on {os.cpu_count()} cores with a 5-min "
               f"load average of {load_before:.1f} at its start and {os.getloadavg()[1]:.1f} at its end (other "
               "processes shared the machine when it exceeded the jobs).")
+    earlier = re.search(r"^Time: .*$", (out / "table.md").read_text(), re.M) if (out / "table.md").exists() else None
+    if not trained and earlier:  # nothing trained now: the time is that of the invocation that trained the runs
+        timing = earlier.group(0)
     write_table(sweep, chosen, results, args, out / "table.md", timing)
     plot(chosen, results, args.seeds, out / "perplexity.png")
     (out / "results.json").write_text(json.dumps(
