@@ -124,7 +124,9 @@ class Method:
     options: tuple[str, ...] = ()  # the OPTIONS it takes
     defaults: dict[str, Any] = field(default_factory=dict)  # option values the name implies
     flags: dict[str, Any] = field(default_factory=dict)  # the official flags it stands for (configs' --wd_scheduler)
-    kind: str = "multipliers"  # or "form" (the module docstring); "multipliers+form" names combine one of each
+    # "multipliers" or "form" (the module docstring); method("multipliers+form") describes a combination of the two
+    # with kind "combination"
+    kind: str = "multipliers"
     # The unit of the base decay it expects (DECAY_UNITS), which the timescale rule (timescale_weight_decay) needs.
     decay_unit: str = "adamw"
 
@@ -197,15 +199,20 @@ def parts(name: str) -> list[str]:
     pieces = name.split("+")
     for piece in pieces:
         if piece not in METHODS:
-            parts(piece)  # the unknown-name error, with its suggestion
+            try:
+                parts(piece)
+            except WeightDecayError as err:  # the unknown-name error, with its suggestion, for this part
+                raise WeightDecayError(f"in {name!r}: {err}") from None
     forms = [p for p in pieces if METHODS[p].kind == "form"]
     setters = [p for p in pieces if METHODS[p].kind != "form"]
+    what = (f"a combination is one method that sets per-group decays and one form "
+            f"({', '.join(n for n, m in METHODS.items() if m.kind == 'form')}) that applies them")
     valid = f"valid combinations: {', '.join(combinations())}"
+    if len(forms) > 1:
+        raise WeightDecayError(f"weight-decay method {name!r}: {what}; two forms each decide how the decay is applied "
+                               f"at every update, which no source defines together; {valid}.")
     if len(pieces) != 2 or len(forms) != 1:
-        raise WeightDecayError(f"weight-decay method {name!r}: a combination is one method that sets per-group "
-                               f"decays and one form ({', '.join(n for n, m in METHODS.items() if m.kind == 'form')}) "
-                               "that applies them; two forms each decide how the decay is applied at every update, "
-                               f"which no source defines together; {valid}.")
+        raise WeightDecayError(f"weight-decay method {name!r}: {what}; {valid}.")
     if setters == ["uniform"]:
         raise WeightDecayError(f"weight-decay method {name!r}: uniform sets no decays, so this is {forms[0]!r} "
                                "alone; use that name.")
