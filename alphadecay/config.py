@@ -443,7 +443,8 @@ def resolve_wd_timescale(config: FlagConfig, updates: int) -> str | None:
         return None
     config.weight_decay = registry.timescale_weight_decay(config.wd_method(), timescale=config.wd_timescale,
                                                           peak_lr=config.lr, updates=updates)
-    unit = "1/(timescale x T)" if registry.method(config.wd_method()).decay_unit == "lr_max" else "1/(lr x timescale x T)"
+    independent = registry.method(config.wd_method()).decay_unit == "lr_max"
+    unit = "1/(timescale x T)" if independent else "1/(lr x timescale x T)"
     return (f"weight decay {config.weight_decay:.6g} = {unit} from --wd_timescale {config.wd_timescale:g}, --lr "
             f"{config.lr:g}, T = {updates} updates (the timescale rule, Wang & Aitchison 2024)")
 

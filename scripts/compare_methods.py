@@ -201,10 +201,10 @@ def write_table(sweep: dict, chosen: dict, results: dict, args: argparse.Namespa
              f"updates of {args.batch_size} x {args.max_length} tokens, float32, one process. Evaluation on the first "
              f"{args.eval_tokens:,} validation tokens. Seeds {', '.join(map(str, seeds))} (initialisation and data "
              f"order); each method at the decay its sweep chose (seed {args.sweep_seed}, below).", "", wall, "",
-             "**A CPU toy.** A 2.85M-parameter model trained for a few hundred updates on a 3 MB sample is far from the "
-             "regime these methods were designed for (LLM pretraining at 60M-1B parameters over billions of tokens): "
-             "the table shows that each method runs and what it does to a small model in a short run, not how the "
-             "methods rank at scale.", "",
+             "**A CPU toy.** A 2.85M-parameter model trained for a few hundred updates on a 3 MB sample is far from "
+             "the regime these methods were designed for (LLM pretraining at 60M-1B parameters over billions of "
+             "tokens): the table shows that each method runs and what it does to a small model in a short run, not "
+             "how the methods rank at scale.", "",
              "| method | decay | eval ppl (token mean) | eval ppl (official estimator) | final train loss | "
              "Δ ppl vs Uniform, per seed | mean Δ ± std | exceeds the seed spread? | same sign at every seed? |",
              "|---|---:|---:|---:|---:|---|---:|---|---|"]
@@ -318,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     runs_seconds = sum(float((Path(args.runs_dir) / run_name(m, d, s) / "wall_seconds").read_text())
                        for m, d, s in sweep_runs + [(m, chosen[m], s) for m in args.methods for s in args.seeds])
     timing = (f"Time: {runs_seconds / 60:.0f} min of runs ({len(set(sweep_runs)) + len(results)} runs, {args.jobs} at "
-              f"a time), {wall / 60:.0f} min of wall time for the invocation that trained them, on {os.cpu_count()} cores with a 5-min "
-              f"load average of {load_before:.1f} at its start and {os.getloadavg()[1]:.1f} at its end (other "
-              "processes shared the machine when it exceeded the jobs).")
+              f"a time), {wall / 60:.0f} min of wall time for the invocation that trained them, on {os.cpu_count()} "
+              f"cores with a 5-min load average of {load_before:.1f} at its start and {os.getloadavg()[1]:.1f} at its "
+              "end (other processes shared the machine when it exceeded the jobs).")
     earlier = re.search(r"^Time: .*$", (out / "table.md").read_text(), re.M) if (out / "table.md").exists() else None
     if not trained and earlier:  # nothing trained now: the time is that of the invocation that trained the runs
         timing = earlier.group(0)
