@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from alphadecay.errors import UserError
-from alphadecay.wd.registry import ASSIGN_FUNCS, ESTIMATORS, FITS, METHODS, METRICS
+from alphadecay.wd import registry
+from alphadecay.wd.registry import ADAMC_GROUPS, ASSIGN_FUNCS, ESTIMATORS, FITS, METRICS
 
-WD_SCHEDULERS = tuple(METHODS)  # the weight-decay methods' registry (alphadecay/wd/registry.py)
+# the weight-decay methods' registry (alphadecay/wd/registry.py): its methods, then the combinations MULTIPLIERS+FORM
+WD_SCHEDULERS = tuple(registry.names())
 # the weight-decay options' choices come from the library's registry (alphadecay/wd/registry.py)
 ESD_METRICS, PL_FITTINGS, ESD_ESTIMATORS = METRICS, FITS, ESTIMATORS
 SCALING_RULES = ("none", "fan2025", "mup_lr")  # alphadecay/scaling.py
@@ -40,6 +42,16 @@ NONFINITE = ("stop", "skip")  # alphadecay/update.py
 # provenance events, wandb's config); scripts/make_tables.py refuses to average runs that differ in one of these.
 PROVENANCE_KEYS = ("world_size", "micro_batch", "gradient_accumulation", "dtype_resolved", "optimizer_impl_resolved",
                    "official_eval_rows", "eval_rows", "eval_tokens", "torch", "transformers")
+
+
+WD_SCHEDULER_HELP = ("weight-decay method (README, 'Weight decay'); sets that method's defaults. Omitted: derived from "
+                     "the official flags below (none of them = uniform). adamc, independent, cautious and swd (and "
+                     "the combinations such as alphadecay+cautious) need --optimizer adamw")
+WD_TIMESCALE_HELP = ("set the base decay by the AdamW timescale rule (Wang & Aitchison 2024): the decay's timescale "
+                     "1/(lr x decay) is this fraction of the run's updates T, i.e. decay = 1/(--lr x this x T) "
+                     "(independent: 1/(this x T)); instead of --weight_decay")
+ADAMC_GROUPS_HELP = ("the groups adamc corrects: matrices = those holding a parameter with two or more dimensions "
+                     "larger than 1 (the others keep AdamW's decay); all")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, group: str = "training", **extra: Any) -> Any:
@@ -142,7 +154,9 @@ class TrainConfig(FlagConfig):
     weight_decay: float = _f(1e-5, "base weight decay", group="weight decay")
     decay_norms: bool = _f(True, "decay RMSNorm gains (the paper decays every parameter)", group="weight decay")
     decay_embeddings: bool = _f(True, "decay the token embedding (the paper decays every parameter)", group="weight decay")
-    wd_scheduler: Optional[str] = _f(None, "weight-decay method; sets that method's defaults. Omitted: derived from the official flags below (none of them = uniform)", choices=WD_SCHEDULERS, group="weight decay")
+    wd_scheduler: Optional[str] = _f(None, WD_SCHEDULER_HELP, choices=WD_SCHEDULERS, group="weight decay")
+    wd_timescale: Optional[float] = _f(None, WD_TIMESCALE_HELP, group="weight decay")
+    adamc_groups: str = _f("matrices", ADAMC_GROUPS_HELP, choices=ADAMC_GROUPS, group="weight decay")
     use_AWD_NeurIPS2023: bool = _f(False, "AWD (Ghiasi et al. 2023), the paper's baseline1", group="weight decay")
     awd_multiplier: float = _f(100.0, "AWD's lambda_awd = awd_multiplier * --weight_decay (the official LLaMA code uses 100)", group="weight decay")
     use_modulewise_wd: bool = _f(False, "module-wise decay from per-module ESD metrics: AlphaDecay, or AdaDecay with gradnorm + layerwise_sigmoid", group="weight decay")
@@ -313,7 +327,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     config, given = parse_flags(TrainConfig, argv)
     apply_method_defaults(config, given)
     apply_data_defaults(config, given)
+    check_wd_timescale(config, given)
     validate(config)
+    resolve_wd_timescale(config, config.train_steps())
     return config, given
 
 
@@ -338,7 +354,7 @@ def apply_method_defaults(config: FlagConfig, given: set[str]) -> None:
                         f"give one of them (or --wd_scheduler {{{','.join(WD_SCHEDULERS)}}}).")
     if name is None:
         return
-    flags = METHODS[name].flags
+    flags = registry.method(name).flags
     if config.use_AWD_NeurIPS2023 and not flags.get("use_AWD_NeurIPS2023"):
         raise UserError(f"--wd_scheduler {name} contradicts --use_AWD_NeurIPS2023 (that is --wd_scheduler awd).")
     if config.use_modulewise_wd and not flags.get("use_modulewise_wd"):
@@ -403,8 +419,14 @@ def validate_weight_decay(config: FlagConfig) -> None:
     if config.xmin_pos <= 1:
         raise UserError(f"--xmin_pos must be > 1 (2 = median xmin), got {config.xmin_pos}.")
     check_farms(config.farms_window, config.farms_aspect_ratio, config.farms_windows_per_dim, config.farms_min_step)
-    if config.wd_method() == "awd" and config.weight_decay <= 0:
+    method = config.wd_method()
+    if "awd" in registry.parts(method) and config.weight_decay <= 0:
         raise UserError("AWD sets lambda_awd = --awd_multiplier * --weight_decay; give --weight_decay > 0.")
+    if registry.uses_form(method) and config.optimizer != "adamw":
+        raise UserError(f"--wd_scheduler {method} is defined for decoupled weight decay (AdamW: p <- p - lr x wd x "
+                        f"p); --optimizer {config.optimizer} applies torch Adam's coupled L2 decay (wd x p added to "
+                        "the gradient, the paper's Adam table). Add --optimizer adamw, or choose uniform, awd, "
+                        "adadecay or alphadecay.")
     for pattern in config.wd_exclude:
         try:
             re.compile(pattern)
@@ -416,6 +438,39 @@ def check_dist_timeout(minutes: float) -> None:
     """--dist_timeout (TrainConfig, ViTConfig)."""
     if not 0 < minutes < math.inf:
         raise UserError(f"--dist_timeout must be a positive number of minutes (default 10), got {minutes}.")
+
+
+def check_wd_timescale(config: FlagConfig, given: set[str]) -> None:
+    """--wd_timescale replaces --weight_decay: not both, a positive fraction, AdamW, a method whose decay has a
+    timescale known before training."""
+    if config.wd_timescale is None:
+        return
+    if "weight_decay" in given:
+        raise UserError(f"--wd_timescale {config.wd_timescale} sets the base decay (1/(lr x timescale x updates)) and "
+                        f"--weight_decay {config.weight_decay} sets it too; give one of them.")
+    if not (math.isfinite(config.wd_timescale) and config.wd_timescale > 0):
+        raise UserError(f"--wd_timescale is a positive fraction of the run (e.g. 0.2), got {config.wd_timescale}.")
+    if config.optimizer != "adamw":
+        raise UserError("--wd_timescale is the timescale rule of AdamW's decoupled decay; with --optimizer "
+                        f"{config.optimizer} (coupled L2) the decay has no such timescale. Add --optimizer adamw, or "
+                        "give --weight_decay.")
+    try:
+        registry.timescale_weight_decay(config.wd_method(), timescale=config.wd_timescale, peak_lr=1.0, updates=1)
+    except registry.WeightDecayError as err:
+        raise UserError(f"--wd_timescale: {err}") from None
+
+
+def resolve_wd_timescale(config: FlagConfig, updates: int) -> str | None:
+    """With --wd_timescale, set config.weight_decay by the timescale rule for a run of `updates` updates and return
+    the line that says so (printed at start; config.json records both flags); else None."""
+    if config.wd_timescale is None:
+        return None
+    config.weight_decay = registry.timescale_weight_decay(config.wd_method(), timescale=config.wd_timescale,
+                                                          peak_lr=config.lr, updates=updates)
+    independent = registry.method(config.wd_method()).decay_unit == "lr_max"
+    unit = "1/(timescale x T)" if independent else "1/(lr x timescale x T)"
+    return (f"weight decay {config.weight_decay:.6g} = {unit} from --wd_timescale {config.wd_timescale:g}, --lr "
+            f"{config.lr:g}, T = {updates} updates (the timescale rule, Wang & Aitchison 2024)")
 
 
 def check_farms(window: int, aspect_ratio: float, windows_per_dim: int, min_step: float) -> None:

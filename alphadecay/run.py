@@ -226,6 +226,7 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     dtype, use_autocast, dtype_name = resolve_dtype(config.dtype, info.device)
     use_compile = resolve_compile(config, info.device)
     total_steps = config.train_steps()
+    timescale_note = config_lib.resolve_wd_timescale(config, total_steps)  # --wd_timescale's decay (parse_args set it)
 
     if inputs.checkpoint and sharded_checkpoint.is_sharded_checkpoint(inputs.checkpoint):  # an FSDP run's
         weights, saved = None, sharded_checkpoint.load_training_state(inputs.checkpoint)  # weights: in restore()
@@ -299,6 +300,8 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
                f"(accumulation {inputs.grad_accum}); evaluation on {len(eval_rows):,} rows "
                f"({run_provenance['eval_tokens']:,} tokens), official estimator over batches of "
                f"{config.official_eval_rows} rows; run directory {run_dir}")
+    if timescale_note:
+        log0(info, timescale_note)
     trainer = Trainer(config=config, info=info, model=model, raw_model=raw_model, optimizer=optimizer,
                       wd_scheduler=wd_scheduler, train_batches=train_batches, eval_rows=eval_rows,
                       row_spec=inputs.spec, logger=logger, run_dir=run_dir, total_steps=total_steps,

@@ -180,10 +180,12 @@ class Trainer:
                 window["grad_norm"] = outcome.grad_norm
                 done = self.state.step == self.total_steps
                 if self.state.step % config.log_every == 0 or done:
-                    self._log_train(window, lr, bar, outcome.wd_metrics)
+                    self._log_train(window, lr, bar, {**window["wd"], **outcome.wd_metrics})
                     window = self._empty_window()
-                elif outcome.wd_metrics:  # a module-wise pass is logged at its own update
+                elif outcome.wd_metrics and self.wd_scheduler.passed:  # a module-wise pass: a record at its own update
                     self.logger.log(outcome.wd_metrics, step=self.state.step)
+                else:  # metrics of every update (AWD's, a form's): the latest go into the next log line
+                    window["wd"].update(outcome.wd_metrics)
                 bar.update(1)
                 for probe in self.probes:
                     if probe.due(self.state.step, done):
@@ -226,7 +228,7 @@ class Trainer:
     @staticmethod
     def _empty_window() -> dict:
         """Sums over the updates since the last training log line (host values: no synchronisation to log)."""
-        return {"loss": 0.0, "targets": 0, "tokens": 0, "positions": 0, "time": 0.0, "grad_norm": math.nan}
+        return {"loss": 0.0, "targets": 0, "tokens": 0, "positions": 0, "time": 0.0, "grad_norm": math.nan, "wd": {}}
 
     def _log_train(self, window: dict, lr: float, bar, extra: dict) -> None:
         loss = window["loss"] / max(window["targets"], 1) if window["targets"] else math.nan

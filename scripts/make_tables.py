@@ -5,10 +5,10 @@
 
 Each argument is a run directory (holding config.json and metrics.jsonl), a directory searched for run
 directories (e.g. `runs`), or a quoted glob (`'runs/*-130M-*'`). One table per optimizer (Adam, AdamW); rows
-are the methods (Uniform, AWD, AdaDecay, AlphaDecay), columns are model size x base weight decay, with WD 0
-(no decay) as its own column. A cell is the mean ± sample standard deviation (n - 1) over the runs in it
-(normally seeds), with n; a single run shows its value alone. The lowest mean of each column with two or more
-entries is in bold.
+are the methods (Uniform, AWD, AdaDecay, AlphaDecay, then any other registered method or combination), columns
+are model size x base weight decay, with WD 0 (no decay) as its own column. A cell is the mean ± sample standard
+deviation (n - 1) over the runs in it (normally seeds), with n; a single run shows its value alone. The lowest mean
+of each column with two or more entries is in bold.
 
 A run's value is its last evaluation, which must be at its final update (runs still training, or stopped early,
 are left out and listed on stderr). Runs averaged in one cell must agree in their provenance, what changes the
@@ -40,7 +40,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alphadecay.config import PROVENANCE_KEYS, TrainConfig  # noqa: E402  (needs the repository root on sys.path)
 from alphadecay.metrics import read_metrics  # noqa: E402
 
-METHOD_LABELS = {"uniform": "Uniform", "awd": "AWD", "adadecay": "AdaDecay", "alphadecay": "AlphaDecay"}
+METHOD_LABELS = {"uniform": "Uniform", "awd": "AWD", "adadecay": "AdaDecay", "alphadecay": "AlphaDecay",
+                 "adamc": "AdamC", "independent": "Independent", "cautious": "Cautious", "swd": "SWD"}
+
+
+def method_label(name: str) -> str:
+    """'AlphaDecay + Cautious' for alphadecay+cautious; any other name as it is."""
+    return " + ".join(METHOD_LABELS.get(part, part) for part in name.split("+"))
+
+
+def method_order(name: str) -> tuple:
+    """The paper's four, then the newer methods, then the combinations, each in the registry's order."""
+    parts = name.split("+")
+    return (len(parts), [list(METHOD_LABELS).index(p) if p in METHOD_LABELS else len(METHOD_LABELS) for p in parts],
+            name)
 OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW"}
 # Flags that do not change what a run computes; runs sharing a cell may differ in these (and in seed). The
 # micro-batch and accumulation are compared through the provenance instead (PROVENANCE_KEYS).
@@ -131,7 +144,7 @@ def make_table(optimizer: str, cells: dict[tuple[str, float, str], list[float]],
                mixed: set[tuple[str, float, str]] = frozenset()) -> str:
     """One optimizer's table; cells maps (size, wd, method) to the runs' perplexities; `mixed` cells get a †."""
     columns = sorted({(size, wd) for size, wd, _ in cells}, key=lambda c: (size_order(c[0]), c[1] != 0, -c[1]))
-    methods = [m for m in METHOD_LABELS if any(method == m for _, _, method in cells)]
+    methods = sorted({method for _, _, method in cells}, key=method_order)
     best: dict[tuple[str, float], float] = {}
     for column in columns:
         means = [round(statistics.fmean(cells[(*column, m)]), 2) for m in methods if (*column, m) in cells]
@@ -146,7 +159,7 @@ def make_table(optimizer: str, cells: dict[tuple[str, float, str], list[float]],
             values = cells.get((*column, method))
             row.append(format_cell(values, best.get(column) == round(statistics.fmean(values), 2),
                                    (*column, method) in mixed) if values else "–")
-        lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(row) + " |")
+        lines.append(f"| {method_label(method)} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -175,7 +188,7 @@ def make_tables(runs: list[Run], official: bool = False, allow_mixed: bool = Fal
     for (optimizer, size, wd, method), members in sorted(groups.items()):
         differing = provenance_differences(members)
         if differing:
-            cell = f"{OPTIMIZER_LABELS.get(optimizer, optimizer)} {size} WD {format_wd(wd)} {METHOD_LABELS[method]}"
+            cell = f"{OPTIMIZER_LABELS.get(optimizer, optimizer)} {size} WD {format_wd(wd)} {method_label(method)}"
             detail = "; ".join(f"{k} ({v})" for k, v in differing.items())
             if not allow_mixed:
                 raise MixedProvenance(f"the runs of cell {cell} differ in {detail}. Their numbers are not comparable: "

@@ -211,6 +211,54 @@ def test_smoke_sh_dry_run():
     assert lines[-1].split()[1:] == ["scripts/make_tables.py", "runs/smoke"]
 
 
+def test_compare_methods_dry_run_runs_every_method_at_its_grid_then_three_new_seeds():
+    result = run_script([sys.executable, SCRIPTS / "compare_methods.py"])
+    assert result.returncode == 0, result.stderr
+    configs = [parse_printed(line) for line in result.stdout.splitlines()]
+    compare = load_compare_methods()
+    methods = list(compare.PAPER + compare.NEWER)
+    sweep = [c for c in configs if c.seed == 0]
+    assert sorted((c.wd_method(), c.weight_decay) for c in sweep) == \
+        sorted((m, d) for m in methods for d in compare.DECAY_GRIDS[m])
+    runs = [c for c in configs if c.seed != 0]
+    assert sorted((c.wd_method(), c.seed) for c in runs) == sorted((m, s) for m in methods for s in (1, 2, 3))
+    for c in configs:
+        assert (c.model_config, c.dataset, c.tokenizer, c.optimizer, c.lr) == \
+            ("configs/llama_3m.json", "data/c4_sample", "data/tokenizer", "adamw", 3e-3)
+        assert c.data_seed == c.seed and c.num_training_steps == 200 and c.save_dir.startswith("runs/methods_cpu/")
+    independent = sorted(c.weight_decay / c.lr for c in sweep if c.wd_method() == "independent")
+    assert independent == pytest.approx(sorted(c.weight_decay for c in sweep if c.wd_method() == "uniform"))
+
+
+def load_compare_methods():
+    spec = importlib.util.spec_from_file_location("compare_methods", SCRIPTS / "compare_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_methods_table_says_which_differences_exceed_the_seed_spread(tmp_path):
+    compare = load_compare_methods()
+    args, _ = compare.parse_args(["--methods", "uniform,cautious,swd", "--seeds", "1,2,3"])
+    final = {"uniform": [100.0, 102.0, 98.0], "cautious": [95.0, 96.0, 94.0], "swd": [99.0, 103.0, 97.0]}
+    results = {(m, s): {"eval_ppl": v, "eval_ppl_official": v - 10, "train_loss": 4.6, "curve": [[10, 2 * v], [20, v]]}
+               for m, values in final.items() for s, v in zip((1, 2, 3), values)}
+    sweep = {"uniform": {0.1: 101.0, 0.3: 99.0}, "cautious": {0.3: 96.0, 1.0: 97.0}, "swd": {5e-5: 99.5}}
+    chosen = {"uniform": 0.3, "cautious": 0.3, "swd": 5e-5}
+    compare.write_table(sweep, chosen, results, args, tmp_path / "table.md", "Time: test.")
+    compare.plot(chosen, results, [1, 2, 3], tmp_path / "perplexity.png")
+    table = (tmp_path / "table.md").read_text()
+    assert ("| Cautious | 0.3 | 95.00 ± 1.00 | 85.00 ± 1.00 | 4.6000 ± 0.0000 | -5.00, -6.00, -4.00 | -5.00 ± 1.00 | "
+            "yes | yes |") in table
+    assert ("| SWD | 5e-05 | 99.67 ± 3.06 | 89.67 ± 3.06 | 4.6000 ± 0.0000 | -1.00, +1.00, -1.00 | -0.33 ± 1.15 | no | "
+            "no |") in table
+    assert ("exceed the seed spread: Cautious (-5.00). Within the seed spread but of the same sign at every seed: "
+            "none. Within it and of mixed signs: SWD (-0.33).") in table
+    assert "| Uniform | 0.1 → 101.00, **0.3 → 99.00** |" in table and "A CPU toy" in table
+    assert "at an edge of its grid for Uniform (largest), Cautious (smallest)" in table
+    assert (tmp_path / "perplexity.png").stat().st_size > 10_000
+
+
 # How each shell script under scripts/ is dry-run above; a new script needs an entry (and a test).
 DRY_RUN_TESTED = {"train.sh": test_train_sh_settings, "smoke.sh": test_smoke_sh_dry_run}
 

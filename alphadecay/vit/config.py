@@ -23,9 +23,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from alphadecay.config import (ASSIGN_FUNCS, ESD_ESTIMATORS, ESD_METRICS, NONFINITE, OPTIMIZER_IMPLS, PL_FITTINGS,
-                               WD_SCHEDULERS, FlagConfig, _f, apply_method_defaults, parse_flags,
-                               check_dist_timeout, validate_weight_decay)
+from alphadecay.config import (ADAMC_GROUPS, ADAMC_GROUPS_HELP, ASSIGN_FUNCS, ESD_ESTIMATORS, ESD_METRICS, NONFINITE,
+                               OPTIMIZER_IMPLS, PL_FITTINGS, WD_SCHEDULER_HELP, WD_SCHEDULERS, WD_TIMESCALE_HELP,
+                               FlagConfig, _f, apply_method_defaults, check_dist_timeout, check_wd_timescale,
+                               parse_flags, validate_weight_decay)
 from alphadecay.errors import UserError
 from alphadecay.vit.mixup import MODES
 from alphadecay.vit.model import ARCHS, resolve_model_name
@@ -114,7 +115,9 @@ class ViTConfig(FlagConfig):
     weight_decay: float = _f(5e-6, "base weight decay", group=W)
     decay_norms: bool = _f(True, "decay LayerNorm weights and biases (the paper decays every parameter)", group=W)
     decay_embeddings: bool = _f(True, "decay cls_token and pos_embed (the paper decays every parameter)", group=W)
-    wd_scheduler: Optional[str] = _f(None, "weight-decay method; sets that method's defaults. Omitted: derived from the official flags below (none of them = uniform)", choices=WD_SCHEDULERS, group=W)
+    wd_scheduler: Optional[str] = _f(None, WD_SCHEDULER_HELP, choices=WD_SCHEDULERS, group=W)
+    wd_timescale: Optional[float] = _f(None, WD_TIMESCALE_HELP + " (T: --epochs x the updates of an epoch)", group=W)
+    adamc_groups: str = _f("matrices", ADAMC_GROUPS_HELP, choices=ADAMC_GROUPS, group=W)
     use_AWD_NeurIPS2023: bool = _f(False, "AWD (Ghiasi et al. 2023), the paper's baseline1", group=W)
     awd_multiplier: float = _f(50.0, "AWD's lambda_awd = awd_multiplier * --weight_decay (the official ViT code uses 50)", group=W)
     use_modulewise_wd: bool = _f(False, "module-wise decay from per-module metrics: AlphaDecay, or AdaDecay with gradnorm + layerwise_sigmoid (official default True, which made the Uniform scripts run AlphaDecay)", group=W)
@@ -181,6 +184,7 @@ def parse_vit_args(argv: list[str] | None = None) -> tuple[ViTConfig, set[str]]:
     """Parse the command line into a validated ViTConfig; also return the names of the flags given."""
     config, given = parse_flags(ViTConfig, argv)
     apply_method_defaults(config, given)
+    check_wd_timescale(config, given)
     validate(config, given)
     return config, given
 

@@ -18,6 +18,7 @@ from alphadecay import dist
 from alphadecay.checkpoint import (checkpoint_steps, disk_space_warning, estimate_checkpoint_bytes, find_checkpoint,
                                    load_checkpoint, remove_stale_temporaries, set_rng_state)
 from alphadecay.device_init import built_on
+from alphadecay.config import resolve_wd_timescale
 from alphadecay.errors import UserError
 from alphadecay.metrics import MetricsLogger
 from alphadecay.optim import make_optimizer, resolve_optimizer_impl
@@ -134,6 +135,7 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
         raise UserError(f"--update_freq {config.update_freq}: each process has {order.steps_per_epoch} micro-batches "
                         f"of --batch_size {config.batch_size} per epoch, fewer than one update needs; lower one of "
                         "them.")
+    timescale_note = resolve_wd_timescale(config, config.epochs * updates_per_epoch)  # --wd_timescale's decay
     mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if config.imagenet_default_mean_and_std
                  else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
     train_transform = build_train_transform(
@@ -217,6 +219,8 @@ def build_vit_trainer(config: ViTConfig, info: dist.DistInfo) -> ViTTrainer:
                f"{updates_per_epoch} updates of {config.batch_size} x {config.update_freq} x {info.world_size} images "
                f"({len(train):,} train, {len(val):,} val); lr {config.lr:g}, warmup {warmup_updates} updates, final "
                f"lr {config.lr * config.min_lr_ratio():.3g}; run directory {run_dir}")
+    if timescale_note:
+        log0(info, timescale_note)
     trainer = ViTTrainer(config=config, info=info, model=model, raw_model=raw_model, ema=ema, optimizer=optimizer,
                          wd_scheduler=wd_scheduler, criterion=build_criterion(mixup_active=mixup is not None,
                                                                               smoothing=config.smoothing),

@@ -151,10 +151,12 @@ class ViTTrainer:
                     window["time"] += elapsed
                     window["grad_norm"] = outcome.grad_norm
                     if self.state.step % config.log_every == 0 or self.state.step % upe == 0:
-                        self._log_train(window, lr, outcome.wd_metrics, bar)
+                        self._log_train(window, lr, {**window["wd"], **outcome.wd_metrics}, bar)
                         window = self._empty_window()
-                    elif outcome.wd_metrics:  # a module-wise pass is logged at its own update
+                    elif outcome.wd_metrics and self.wd_scheduler.passed:  # a module-wise pass: a record at its own update
                         self.logger.log(outcome.wd_metrics, step=self.state.step)
+                    else:  # metrics of every update (AWD's, a form's): the latest go into the next log line
+                        window["wd"].update(outcome.wd_metrics)
                     bar.update(1)
                     if stop:
                         break
@@ -179,7 +181,7 @@ class ViTTrainer:
     @staticmethod
     def _empty_window() -> dict:
         """Sums over the updates since the last training log line (host values: no synchronisation to log)."""
-        return {"loss": 0.0, "updates": 0, "applied": 0, "time": 0.0, "grad_norm": math.nan}
+        return {"loss": 0.0, "updates": 0, "applied": 0, "time": 0.0, "grad_norm": math.nan, "wd": {}}
 
     def _log_train(self, window: dict, lr: float, wd_metrics: dict, bar) -> None:
         micro_batches = window["applied"] * self.config.update_freq * self.info.world_size

@@ -124,9 +124,11 @@ def module_param_groups(model: nn.Module, weight_decay: float, *, decay_norms: b
 
 
 def mean_weight_decay(param_groups: list[dict]) -> float:
-    """Parameter-weighted mean of the groups' effective decays."""
+    """Parameter-weighted mean of the groups' effective decays (a group's `effective_weight_decay`, which a
+    scheduler sets when a rule applies the decay itself, else its `weight_decay`)."""
     sizes = [sum(p.numel() for p in g["params"]) for g in param_groups]
-    return sum(n * g["weight_decay"] for n, g in zip(sizes, param_groups)) / max(1, sum(sizes))
+    return sum(n * g.get("effective_weight_decay", g["weight_decay"])
+               for n, g in zip(sizes, param_groups)) / max(1, sum(sizes))
 
 
 def describe(param_groups: list[dict]) -> str:
