@@ -498,6 +498,12 @@ def validate_parallelism(config: TrainConfig) -> None:
     if config.parallelism == "fsdp" and config.diagnostics_every:
         raise UserError("--diagnostics_every is not available with --parallelism fsdp (its top singular values read "
                         "whole weights); use --parallelism ddp for the scaling-rule diagnostics, or drop the flag.")
+    unsharded = [p for p in registry.parts(config.wd_method()) if p in ("cautious", "swd")]
+    if config.parallelism == "fsdp" and unsharded:
+        raise UserError(f"--wd_scheduler {config.wd_method()} with --parallelism fsdp: {unsharded[0]} reads Adam's "
+                        "moments over every parameter entry, which is verified on whole tensors only, not yet on "
+                        "FSDP's shards. Use --parallelism ddp, or adamc / independent (and their alphadecay+ "
+                        "combinations), which work on shards.")
 
 
 def validate_scaling(config: TrainConfig) -> None:

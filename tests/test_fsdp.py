@@ -202,7 +202,7 @@ def test_row_counts_split_as_torch_chunk():
             assert sharded.row_counts(rows, world) == chunks + [0] * (world - len(chunks))
 
 
-@pytest.mark.parametrize("case", ["unknown", "reduce_dtype", "diagnostics"])
+@pytest.mark.parametrize("case", ["unknown", "reduce_dtype", "diagnostics", "cautious"])
 def test_bad_parallelism_flags_are_one_clear_error(tmp_path, capsys, case):
     overrides, needle = {
         "unknown": ({"parallelism": "zero3"},
@@ -210,6 +210,8 @@ def test_bad_parallelism_flags_are_one_clear_error(tmp_path, capsys, case):
         "reduce_dtype": ({"reduce_dtype": "float32"}, "--reduce_dtype float32 applies to --parallelism fsdp"),
         "diagnostics": ({"parallelism": "fsdp", "diagnostics_every": 2},
                         "--diagnostics_every is not available with --parallelism fsdp"),
+        "cautious": ({"parallelism": "fsdp", "wd_scheduler": "alphadecay+cautious"},
+                     "cautious reads Adam's moments over every parameter entry"),
     }[case]
     assert run_main(train_args(tmp_path / "run", **overrides)) == 2
     err = capsys.readouterr().err

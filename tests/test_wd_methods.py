@@ -447,7 +447,8 @@ def test_the_readmes_adding_a_method_example_runs_as_written(tmp_path, digits_su
     """The README's method file and registry line, as written, train both entry points, resume exactly and work
     through alphadecay.wd.create (in a fresh interpreter: the configs read the registry when they are imported)."""
     text = README.read_text()
-    section = text[text.index("**Adding a method**"):text.index("## Reproducing the paper's tables")]
+    start = text.index("**Adding a method**")
+    section = text[start:text.index("\n### ", start)]  # up to the next subsection
     method_file, entry = re.findall(r"```python\n(.*?)```", section, re.S)
     path = method_file.splitlines()[0].lstrip("# ").strip()
     assert path == "alphadecay/wd/methods/lr_proportional.py" and (README.parent / path).parent.is_dir()
