@@ -37,7 +37,7 @@ from alphadecay.evaluate import evaluate_rows
 from alphadecay.loss import CausalLMLoss
 from alphadecay.mfu import device_peak_flops, llama_flops_per_token, throughput_metrics
 from alphadecay.optim import lr_factor, set_learning_rate
-from alphadecay.update import NonfiniteGuard, Outcome, gradient_norm, to_device
+from alphadecay.update import NonfiniteGuard, Outcome, finish_update, gradient_norm, to_device
 from alphadecay import wd
 from alphadecay.wd.groups import mean_weight_decay
 
@@ -137,14 +137,8 @@ class Trainer:
             loss_sum += micro_loss.detach().double()
         grad_norm = gradient_norm(self.raw_model.parameters(), self.config.grad_clipping)
         outcome = Outcome.start(counts, loss_sum, grad_norm, self.stop.raised, info)
-        if self.config.nonfinite == "skip" and not outcome.read().finite:  # dropped on every rank alike
-            self.wd_scheduler.skip()
-            outcome.applied = False
-        else:
-            outcome.wd_metrics = self.wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return outcome.read()
+        return finish_update(outcome, nonfinite=self.config.nonfinite, wd_scheduler=self.wd_scheduler,
+                             optimizer=self.optimizer)
 
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> TrainState:

@@ -96,6 +96,22 @@ class Outcome:
         return not self.nonfinite_ranks and math.isfinite(self.grad_norm)
 
 
+def finish_update(outcome: Outcome, *, nonfinite: str, wd_scheduler, optimizer, after_step=None) -> Outcome:
+    """Steps 5 and 6 of an update, as both loops take them: the weight-decay scheduler and `optimizer.step()`
+    (then `after_step()`, e.g. the ViT's EMA) are queued and the device is read; with --nonfinite skip the read
+    comes first, and a non-finite update is dropped on every rank (the scheduler counts it, nothing is applied)."""
+    if nonfinite == "skip" and not outcome.read().finite:
+        wd_scheduler.skip()
+        outcome.applied = False
+    else:
+        outcome.wd_metrics = wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+    optimizer.zero_grad(set_to_none=True)
+    return outcome.read()
+
+
 class NonfiniteGuard:
     """--nonfinite {stop,skip} and --max_skipped_updates (module docstring)."""
 

@@ -36,7 +36,7 @@ from alphadecay.checkpoint import prune_checkpoints, rng_state, save_checkpoint
 from alphadecay.optim import lr_factor, set_learning_rate
 from alphadecay.wd.groups import mean_weight_decay
 from alphadecay.trainer import StopFlag
-from alphadecay.update import NonfiniteGuard, Outcome, gradient_norm
+from alphadecay.update import NonfiniteGuard, Outcome, finish_update, gradient_norm
 from alphadecay.vit.config import ViTConfig
 from alphadecay.vit.data import EvalSamples, TrainOrder, TrainSamples, eval_indices, load_batches, topk_correct
 from alphadecay.vit.ema import ModelEma
@@ -111,16 +111,9 @@ class ViTTrainer:
         grad_norm = gradient_norm(self.raw_model.parameters(), self.config.clip_grad or 0.0)
         outcome = Outcome.start(torch.zeros(0, dtype=torch.float64, device=device), loss_sum, grad_norm,
                                 self.stop.raised, self.info)
-        if self.config.nonfinite == "skip" and not outcome.read().finite:  # dropped on every rank alike
-            self.wd_scheduler.skip()
-            outcome.applied = False
-        else:
-            outcome.wd_metrics = self.wd_scheduler.step() or {}  # alphadecay.wd: it counts the updates itself
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.raw_model)
-        self.optimizer.zero_grad(set_to_none=True)
-        return outcome.read()
+        return finish_update(outcome, nonfinite=self.config.nonfinite, wd_scheduler=self.wd_scheduler,
+                             optimizer=self.optimizer,
+                             after_step=(lambda: self.ema.update(self.raw_model)) if self.ema is not None else None)
 
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> ViTState:
