@@ -39,7 +39,7 @@ from alphadecay.config import TrainConfig, add_config_flags
 from alphadecay.errors import UserError
 from alphadecay.esd.report import load_model
 from alphadecay.loss import row_loss_sums
-from alphadecay.model import cast_model
+from alphadecay.model import cast_model, resolve_dtype
 from alphadecay.parallel import is_sharded, reshard
 
 
@@ -134,7 +134,6 @@ def settings(args: argparse.Namespace, model_dir: str) -> dict:
 
 
 def evaluate_path(args: argparse.Namespace, info: dist.DistInfo) -> dict:
-    from alphadecay.run import resolve_dtype  # run imports the trainer, which imports this module
 
     model_dir = find_model_dir(args.path)
     flags = settings(args, model_dir)

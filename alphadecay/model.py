@@ -92,3 +92,16 @@ def cast_model(model: torch.nn.Module, device: torch.device | str, dtype: torch.
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, bool, str]:
+    """(parameter dtype, bf16 autocast?, resolved name) for --dtype.
+
+    auto is bfloat16 only on a GPU of compute capability 8.0 or newer (A100, H100, RTX 30xx/40xx): earlier GPUs
+    (V100, T4) run bf16 by emulation, which torch.cuda.is_bf16_supported() still reports as supported.
+    """
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "float32"
+    dtype, autocast = {"bfloat16": (torch.bfloat16, False), "float32": (torch.float32, False),
+                       "amp_bf16": (torch.float32, True)}[name]
+    return dtype, autocast, name

@@ -27,7 +27,7 @@ from alphadecay.diagnostics import ScalingDiagnostics
 from alphadecay.errors import UserError
 from alphadecay.loss import CausalLMLoss, target_count
 from alphadecay.metrics import MetricsLogger
-from alphadecay.model import build_model, cast_model, count_parameters, load_model_config
+from alphadecay.model import build_model, cast_model, count_parameters, load_model_config, resolve_dtype
 from alphadecay.optim import build_optimizer, resolve_optimizer_impl
 from alphadecay.wd.groups import describe, module_param_groups
 from alphadecay.wd.scheduler import from_flags, legacy_state
@@ -52,19 +52,6 @@ def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
                         f"{config.total_batch_size} / (--batch_size {config.batch_size} x {world_size} processes) "
                         f"= {accumulation}; omit it or make them agree.")
     return accumulation
-
-
-def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, bool, str]:
-    """(parameter dtype, bf16 autocast?, resolved name) for --dtype.
-
-    auto is bfloat16 only on a GPU of compute capability 8.0 or newer (A100, H100, RTX 30xx/40xx): earlier GPUs
-    (V100, T4) run bf16 by emulation, which torch.cuda.is_bf16_supported() still reports as supported.
-    """
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "float32"
-    dtype, autocast = {"bfloat16": (torch.bfloat16, False), "float32": (torch.float32, False),
-                       "amp_bf16": (torch.float32, True)}[name]
-    return dtype, autocast, name
 
 
 def resolve_compile(config: TrainConfig, device: torch.device) -> bool:

@@ -80,7 +80,7 @@ def test_cuda_adam_kernels_apply_the_decay_the_cpu_ones_do():
 def test_dtype_auto_and_the_official_adam_kernel_on_this_gpu():
     from alphadecay.config import parse_args
     from alphadecay.optim import build_optimizer
-    from alphadecay.run import resolve_dtype
+    from alphadecay.model import resolve_dtype
 
     device = torch.device("cuda", 0)
     expected = "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float32"

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from alphadecay.config import PROVENANCE_KEYS
-from alphadecay.run import resolve_dtype
+from alphadecay.model import resolve_dtype
 from tests.conftest import by_step, read_metrics, run_main, train_args
 from tests.test_scripts import load_make_tables, synthetic_config, write_run
 
