@@ -107,6 +107,8 @@ class Scheduler:
             group.setdefault("base_weight_decay", group["weight_decay"])
             group.setdefault("wd_multiplier", 1.0)
             group.setdefault("wd_scale", 1.0)
+            group.setdefault("effective_weight_decay", group["weight_decay"])  # every key from the start: DCP
+            # loads an optimizer state only into groups that already have its keys
         self.module_groups()  # checks that every tuned module has a group of its own, before any training
 
     # -- the groups, by name -------------------------------------------------------------------------------------
