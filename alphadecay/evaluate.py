@@ -67,9 +67,10 @@ def evaluate_rows(model: torch.nn.Module, rows: torch.Tensor, spec: data.RowSpec
     was_training = model.training
     model.eval()
     chunks = torch.arange(info.rank, total, info.world_size).split(batch_size)
+    sharded = is_sharded(model)
     # FSDP: every forward pass all-gathers weights with the other ranks, so every rank runs as many as rank 0
     # (a rank with fewer rows repeats its last micro-batch and discards the result)
-    passes = math.ceil(math.ceil(total / info.world_size) / batch_size) if is_sharded(model) else len(chunks)
+    passes = math.ceil(math.ceil(total / info.world_size) / batch_size) if sharded else len(chunks)
     try:
         for i in range(passes):
             chunk = chunks[min(i, len(chunks) - 1)] if chunks else torch.zeros(1, dtype=torch.long)
@@ -81,7 +82,7 @@ def evaluate_rows(model: torch.nn.Module, rows: torch.Tensor, spec: data.RowSpec
                 per_row[:, chunk.to(device)] = torch.stack([sums, counts.double()])
     finally:
         model.train(was_training)
-        if is_sharded(model):
+        if sharded:
             reshard(model)
     row_sums, row_counts = dist.all_reduce_sum(per_row)  # each row is non-zero on its one rank only: exact
     targets = float(row_counts.sum())
@@ -134,7 +135,6 @@ def settings(args: argparse.Namespace, model_dir: str) -> dict:
 
 
 def evaluate_path(args: argparse.Namespace, info: dist.DistInfo) -> dict:
-
     model_dir = find_model_dir(args.path)
     flags = settings(args, model_dir)
     tokenizer = data.load_tokenizer(flags["tokenizer"], flags["max_length"])

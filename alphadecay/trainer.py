@@ -176,7 +176,7 @@ class Trainer:
                 if self.state.step % config.log_every == 0 or done:
                     self._log_train(window, lr, bar, {**window["wd"], **outcome.wd_metrics})
                     window = self._empty_window()
-                elif outcome.wd_metrics and self.wd_scheduler.passed:  # a module-wise pass: a record at its own update
+                elif self.wd_scheduler.passed:  # a module-wise pass: a record at its own update
                     self.logger.log(outcome.wd_metrics, step=self.state.step)
                 else:  # metrics of every update (AWD's, a form's): the latest go into the next log line
                     window["wd"].update(outcome.wd_metrics)
@@ -225,7 +225,7 @@ class Trainer:
         return {"loss": 0.0, "targets": 0, "tokens": 0, "positions": 0, "time": 0.0, "grad_norm": math.nan, "wd": {}}
 
     def _log_train(self, window: dict, lr: float, bar, extra: dict) -> None:
-        loss = window["loss"] / max(window["targets"], 1) if window["targets"] else math.nan
+        loss = window["loss"] / window["targets"] if window["targets"] else math.nan
         metrics = {"loss": loss, "lr": lr, "weight_decay": mean_weight_decay(self.optimizer.param_groups),
                    "tokens_seen": self.state.tokens_seen, "grad_norm": window["grad_norm"],
                    "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}

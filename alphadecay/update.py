@@ -134,13 +134,12 @@ class NonfiniteGuard:
             self.skipped += 1
             self.in_a_row += 1
             event["in_a_row"] = self.in_a_row
-            if self.in_a_row <= self.max_skipped:
-                if logger is not None:
-                    logger.record({"nonfinite": event}, step=update)
-                return
-            event["action"] = "stop"
+            if self.in_a_row > self.max_skipped:
+                event["action"] = "stop"
         if logger is not None:
             logger.record({"nonfinite": event}, step=update)
+        if event["action"] == "skip":
+            return
         what = (f"the loss is not finite ({outcome.loss_sum} summed; on rank(s) "
                 f"{', '.join(map(str, outcome.nonfinite_ranks))})" if outcome.nonfinite_ranks
                 else f"the gradient norm is not finite ({outcome.grad_norm})")

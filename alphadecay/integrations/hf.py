@@ -102,7 +102,7 @@ class WeightDecayCallback(TrainerCallback, ExportableState):
         metrics = self.scheduler.step()
         if metrics:
             self._pending.update(metrics)
-            self._log_now = self._log_now or any(key.startswith("wd/") for key in metrics)
+            self._log_now = self._log_now or self.scheduler.passed
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._log_now:  # a module-wise pass: logged at its own update

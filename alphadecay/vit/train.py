@@ -146,7 +146,7 @@ class ViTTrainer:
                     if self.state.step % config.log_every == 0 or self.state.step % upe == 0:
                         self._log_train(window, lr, {**window["wd"], **outcome.wd_metrics}, bar)
                         window = self._empty_window()
-                    elif outcome.wd_metrics and self.wd_scheduler.passed:  # a module-wise pass: a record at its own update
+                    elif self.wd_scheduler.passed:  # a module-wise pass: a record at its own update
                         self.logger.log(outcome.wd_metrics, step=self.state.step)
                     else:  # metrics of every update (AWD's, a form's): the latest go into the next log line
                         window["wd"].update(outcome.wd_metrics)
