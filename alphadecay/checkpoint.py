@@ -40,6 +40,7 @@ import random
 import re
 import shutil
 import socket
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,11 +285,7 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, state: dict
         for stem, tensors in weights.items():
             save_file({k: v.detach().contiguous() for k, v in tensors.items()},
                       os.path.join(tmp, f"{stem}.safetensors"))
-        with open(os.path.join(tmp, STATE_FILE), "wb") as fh:  # a Python file: a failed write is an OSError
-            torch.save(state, fh)
-        readable = {k: state[k] for k in ("step", "epoch", "tokens_seen", "train_time", "wandb_id") if k in state}
-        with open(os.path.join(tmp, "training_state.json"), "w") as fh:
-            json.dump(readable, fh, indent=2)
+        write_training_state(tmp, state)
         publish_checkpoint(tmp, run_dir, step)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -297,6 +294,16 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, state: dict
             raise
         raise RunFault(save_failure_message(run_dir, final, cause, needed, resume_flag)) from None
     return final
+
+
+def write_training_state(directory: str, state: dict[str, Any]) -> None:
+    """training_state.pt (`state`: everything but the weights) and training_state.json (its counters, readable)
+    in `directory`, for both checkpoint layouts."""
+    with open(os.path.join(directory, STATE_FILE), "wb") as fh:  # a Python file: a failed write is an OSError
+        torch.save(state, fh)
+    readable = {k: state[k] for k in ("step", "epoch", "tokens_seen", "train_time", "wandb_id", "format") if k in state}
+    with open(os.path.join(directory, "training_state.json"), "w") as fh:
+        json.dump(readable, fh, indent=2)
 
 
 def temporary_dir(run_dir: str, step: int) -> str:
@@ -469,8 +476,6 @@ def find_model_dir(path: str) -> str:
     """`path` itself when it holds model weights (a save_pretrained directory or a checkpoint, which must verify
     when it has a manifest), else the newest checkpoint of the run directory `path` that verifies: what the
     model-reading command lines (evaluate, esd) accept. Notes on skipped checkpoints go to stderr."""
-    import sys
-
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     if any(os.path.isfile(os.path.join(path, w)) for w in weights) and not is_checkpoint_dir(path):
         return path
@@ -492,9 +497,13 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[dict
     which the ranks of a node share, when optimizer.load_state_dict copies them to the parameters' device (on the
     CPU the optimizer keeps them as copy-on-write pages of the map, and the file is never written)."""
     weights = load_file(os.path.join(path, "model.safetensors"), device=str(device))
-    # Our own file, written by save_checkpoint: it holds numpy RNG states, so not weights_only.
-    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False, mmap=True)
-    return weights, state
+    return weights, load_training_state(path)
+
+
+def load_training_state(path: str) -> dict[str, Any]:
+    """training_state.pt of a checkpoint directory (either layout), memory-mapped (`load_checkpoint`). Our own
+    file, written by `write_training_state`: it holds numpy RNG states, so not weights_only."""
+    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False, mmap=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 from alphadecay import config as config_lib
 from alphadecay import data, dist, parallel, pretokenized, sharded_checkpoint
 from alphadecay.checkpoint import (disk_space_warning, estimate_checkpoint_bytes, find_checkpoint, load_checkpoint,
-                                   remove_stale_temporaries, set_rng_state)
+                                   load_training_state, remove_stale_temporaries, set_rng_state)
 from alphadecay.config import TrainConfig
 from alphadecay.diagnostics import ScalingDiagnostics
 from alphadecay.errors import UserError
@@ -52,6 +52,16 @@ def gradient_accumulation(config: TrainConfig, world_size: int) -> int:
                         f"{config.total_batch_size} / (--batch_size {config.batch_size} x {world_size} processes) "
                         f"= {accumulation}; omit it or make them agree.")
     return accumulation
+
+
+def locate_checkpoint(path: str, flag: str, info: dist.DistInfo) -> str:
+    """The checkpoint `path` names (it must verify) or its run directory's newest that verifies (LLaMA's
+    --continue_from, the ViT's --resume): rank 0 checks, reading every byte once, every rank gets the answer, and
+    rank 0 prints what was skipped."""
+    found = dist.on_main(find_checkpoint, path, flag)
+    for note in found.notes:
+        log0(info, note)
+    return found.path
 
 
 def resolve_compile(config: TrainConfig, device: torch.device) -> bool:
@@ -165,12 +175,7 @@ def check_inputs(config: TrainConfig, info: dist.DistInfo) -> Inputs:
         stored = None
         train_files = data.list_shards(config.dataset, config.dataset_config, "train")
         eval_files = data.list_shards(config.dataset, config.dataset_config, "validation")
-    checkpoint = None
-    if config.continue_from:  # rank 0 verifies (reading every byte once) and tells every rank which to load
-        found = dist.on_main(find_checkpoint, config.continue_from, "--continue_from")
-        for note in found.notes:
-            log0(info, note)
-        checkpoint = found.path
+    checkpoint = locate_checkpoint(config.continue_from, "--continue_from", info) if config.continue_from else None
     return Inputs(model_config, tokenizer, spec, train_files, eval_files, grad_accum, checkpoint, stored)
 
 
@@ -216,7 +221,7 @@ def build_trainer(config: TrainConfig, info: dist.DistInfo) -> Trainer:
     timescale_note = config_lib.resolve_wd_timescale(config, total_steps)  # --wd_timescale's decay (parse_args set it)
 
     if inputs.checkpoint and sharded_checkpoint.is_sharded_checkpoint(inputs.checkpoint):  # an FSDP run's
-        weights, saved = None, sharded_checkpoint.load_training_state(inputs.checkpoint)  # weights: in restore()
+        weights, saved = None, load_training_state(inputs.checkpoint)  # weights: in restore()
     else:
         weights, saved = load_checkpoint(inputs.checkpoint, info.device) if inputs.checkpoint else (None, None)
     raw_model = build_model(inputs.model_config, seed=config.seed, device=info.device)

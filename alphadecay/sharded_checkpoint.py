@@ -29,7 +29,6 @@ weights are loaded before sharding, and the optimizer state is keyed by paramete
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
@@ -40,8 +39,8 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from alphadecay import dist
-from alphadecay.checkpoint import (STATE_FILE, checkpoint_dir, estimate_checkpoint_bytes, io_failure,
-                                   publish_checkpoint, save_failure_message, temporary_dir, tensor_bytes)
+from alphadecay.checkpoint import (checkpoint_dir, estimate_checkpoint_bytes, io_failure, publish_checkpoint,
+                                   save_failure_message, temporary_dir, tensor_bytes, write_training_state)
 from alphadecay.errors import RunFault
 
 DCP_DIR = "dcp"
@@ -83,7 +82,7 @@ def save(run_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optim
     final = checkpoint_dir(run_dir, step)
     tmp = dist.broadcast_object(temporary_dir(run_dir, step))  # rank 0's: every rank writes its shards there
     needed = estimate_checkpoint_bytes(model, optimizer) + tensor_bytes(state)  # DTensors count whole
-    on_main = dist_rank() == 0
+    on_main = dist.rank() == 0
 
     def create() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -102,11 +101,7 @@ def save(run_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optim
             model.save_pretrained(tmp, state_dict=whole, safe_serialization=True)
         else:
             model.config.save_pretrained(tmp)
-        with open(os.path.join(tmp, STATE_FILE), "wb") as fh:  # a Python file: a failed write is an OSError
-            torch.save({**state, "format": FORMAT}, fh)
-        readable = {k: state[k] for k in ("step", "epoch", "tokens_seen", "train_time", "wandb_id") if k in state}
-        with open(os.path.join(tmp, "training_state.json"), "w") as fh:
-            json.dump({**readable, "format": FORMAT}, fh, indent=2)
+        write_training_state(tmp, {**state, "format": FORMAT})
         publish_checkpoint(tmp, run_dir, step)
 
     for phase, everywhere in ((create, False), (shards, True), (finish, False)):
@@ -170,7 +165,7 @@ def _agree(error: BaseException | None, *, tmp: str, run_dir: str, final: str, n
     failed = [rank for rank, r in enumerate(reports) if r is not None]
     if not failed:
         return
-    if dist_rank() == 0:
+    if dist.rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     if error is not None and report[0] is None:
@@ -181,15 +176,6 @@ def _agree(error: BaseException | None, *, tmp: str, run_dir: str, final: str, n
     raise RuntimeError(f"the checkpoint {final} could not be written: rank(s) {', '.join(map(str, failed))} failed "
                        f"({'; '.join(r[1] for r in reports if r is not None)}; the tracebacks are in their output). "
                        "The partial write was removed.")
-
-
-def dist_rank() -> int:
-    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
-
-
-def load_training_state(path: str) -> dict[str, Any]:
-    """training_state.pt of a checkpoint (our own file: it holds numpy RNG states, so not weights_only)."""
-    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
 
 
 def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:

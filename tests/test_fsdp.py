@@ -145,7 +145,7 @@ def test_an_fsdp_checkpoint_resumes_on_one_process_and_under_ddp(runs, resumed):
     if resumed == "fsdp1-from-fsdp":  # past the damaged model_6, which it rewrote; model_3 pruned
         assert sorted(p.name for p in runs[resumed].iterdir() if p.name.startswith(("model_", "."))) == ["model_6"]
         assert ckpt.verify_checkpoint(str(runs[resumed] / "model_6")) == ckpt.Verdict(True, True)
-    state = sharded_checkpoint.load_training_state(checkpoint)
+    state = ckpt.load_training_state(checkpoint)
     assert state["format"] == "dcp" and "optimizer" not in state and state["step"] == 3
     assert sorted(by_step(read_metrics(runs[resumed]), "loss")) == [4, 5, 6]
     assert_same_run(read_metrics(runs["fsdp-alphadecay"]), read_metrics(runs[resumed]), [4, 5, 6])

@@ -15,15 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from alphadecay import dist
-from alphadecay.checkpoint import (checkpoint_steps, disk_space_warning, estimate_checkpoint_bytes, find_checkpoint,
-                                   load_checkpoint, remove_stale_temporaries, set_rng_state)
+from alphadecay.checkpoint import (checkpoint_steps, disk_space_warning, estimate_checkpoint_bytes, load_checkpoint,
+                                   remove_stale_temporaries, set_rng_state)
 from alphadecay.device_init import built_on
 from alphadecay.config import resolve_wd_timescale
 from alphadecay.errors import UserError
 from alphadecay.metrics import MetricsLogger
 from alphadecay.optim import make_optimizer, resolve_optimizer_impl
 from alphadecay.model import count_parameters
-from alphadecay.run import log0, start_logging, where_it_ran
+from alphadecay.run import locate_checkpoint, log0, start_logging, where_it_ran
 from alphadecay.vit.config import ViTConfig
 from alphadecay.vit.data import (EvalSamples, ImageFolder, TrainOrder, TrainSamples, find_unreadable,
                                  load_image_folders, unreadable_error)
@@ -60,15 +60,6 @@ def check_images(train: ImageFolder, val: ImageFolder, data_path: str, info: dis
     found = [m for ms in dist.all_gather_objects(mine) for m in ms]
     if found:
         raise unreadable_error(sorted(found), data_path)
-
-
-def locate_checkpoint(path: str, flag: str, info: dist.DistInfo) -> str:
-    """The checkpoint `path` names (it must verify) or its run directory's newest that verifies: rank 0 checks,
-    every rank gets the answer, rank 0 prints what was skipped."""
-    found = dist.on_main(find_checkpoint, path, flag)
-    for note in found.notes:
-        log0(info, note)
-    return found.path
 
 
 def resolve_output_dir(config: ViTConfig, info: dist.DistInfo) -> tuple[str, str | None]:
