@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from alphadecay.errors import UserError
-from alphadecay.wd.groups import layer_index, module_kind
+from alphadecay.wd.groups import ATTENTION_KINDS, layer_index, module_kind
 
 DPI = 100
 # LLaMA's kinds, then the fused ones of GPT-2, GPT-NeoX and the ViT (qkv, proj, fc1, fc2: wd.groups.MODULE_KINDS)
@@ -38,7 +38,6 @@ KINDS = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "proj", "fc1", "fc2", 
 KIND_COLORS = {"q": "#1f77b4", "k": "#17becf", "v": "#9467bd", "o": "#2ca02c", "gate": "#ff7f0e", "up": "#d62728",
                "down": "#8c564b", "qkv": "#1f77b4", "proj": "#2ca02c", "fc1": "#d62728", "fc2": "#8c564b",
                "head": "#7f7f7f", "linear": "#bcbd22"}
-ATTENTION, MLP = ("q", "k", "v", "o", "qkv", "proj"), ("gate", "up", "down", "fc1", "fc2")
 
 
 def _pyplot():
@@ -295,7 +294,7 @@ def type_means_figure(steps: list[int], names: list[str], panels: list[tuple[np.
                 with np.errstate(all="ignore"):
                     mean = np.nanmean(values[rows], axis=0) if np.isfinite(values[rows]).any() else None
                 if mean is not None:
-                    style = "-" if kind in ATTENTION else "--"
+                    style = "-" if kind in ATTENTION_KINDS else "--"
                     ax.plot(steps, mean, style, marker="o", ms=3, color=KIND_COLORS[kind], label=kind)
         ax.set(xlabel="update", ylabel=ylabel)
         ax.grid(alpha=0.3)

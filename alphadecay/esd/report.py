@@ -35,10 +35,9 @@ from alphadecay.wd.assign import assign
 from alphadecay.config import add_config_flags, check_farms
 from alphadecay.errors import UserError
 from alphadecay.wd.methods.modulewise import SPECTRAL_METRICS, tuned_modules
-from alphadecay.wd.groups import layer_index, module_kind, module_matrix, weight_modules
+from alphadecay.wd.groups import (ATTENTION_KINDS, MLP_KINDS, layer_index, module_kind, module_matrix,
+                                  weight_modules)
 
-ATTENTION_KINDS = ("q", "k", "v", "o", "qkv", "proj")  # LLaMA/Mistral/Qwen2; GPT-2, GPT-NeoX and the ViT fuse q, k, v
-MLP_KINDS = ("gate", "up", "down", "fc1", "fc2")
 OFFLINE_MODEL_HINT = ("Without the hub, give a local save_pretrained directory (model.save_pretrained(DIR) where the "
                       "hub is reachable, or a copy of the model's hub repository), a checkpoint model_<step> or run "
                       "directory of ours, or a LLaMA config JSON (configs/llama_60m.json).")
@@ -47,8 +46,7 @@ OFFLINE_MODEL_HINT = ("Without the hub, give a local save_pretrained directory (
 # The training flags this report takes too: how alpha is estimated and which modules AlphaDecay tunes.
 ESTIMATOR_FLAGS = ("assign_func", "pl_fitting", "esd_estimator", "farms_window", "farms_aspect_ratio",
                    "farms_windows_per_dim", "farms_min_step", "official_fix_finger", "xmin_pos", "filter_zeros",
-                   "remove_first_layer",
-                   "remove_last_layer", "wd_exclude")
+                   "remove_first_layer", "remove_last_layer", "wd_exclude")
 
 
 def load_model(path: str, seed: int = 0) -> torch.nn.Module:

@@ -54,8 +54,8 @@ import torch.distributed as dist
 
 from alphadecay.esd import spectral
 from alphadecay.esd.spectral import (EIGH_WEIGHT, EIGS_THRESH, FP32_MAX_SPREAD, METRIC_KEYS, SMALL_EIGENVALUE_FITS,
-                                     FarmsSampling, assign_owners, eigenvalues, farms_eigenvalues, farms_windows,
-                                     metric_rows)
+                                     FarmsSampling, assign_owners, comm_device, eigenvalues, farms_eigenvalues,
+                                     farms_windows, gram_eigenvalues, metric_rows)
 
 GRAM, GATHER, LOCAL = "gram", "gather", "local"
 
@@ -148,13 +148,11 @@ def sharded_module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], *,
 
     spectra: dict[int, torch.Tensor] = {}  # module -> eigenvalues, on its owner
     farms_spectra: dict[int, torch.Tensor] = {}
-    redo = torch.zeros(len(weights), dtype=torch.float64, device=_comm_device(group))
+    redo = torch.zeros(len(weights), dtype=torch.float64, device=comm_device(group))
 
     def compute(i: int, received: torch.Tensor | None, dtype: torch.dtype | None) -> None:
         if routes[i] == GRAM:
-            bad = ~torch.isfinite(received).all()  # a non-finite weight (or a Gram that overflowed): NaN eigenvalues
-            eigs = torch.linalg.eigvalsh(received.masked_fill_(bad, 0)).clamp_(min=0).to(torch.float64)
-            eigs.masked_fill_(bad, math.nan)
+            eigs = gram_eigenvalues(received)  # NaN for a non-finite weight (or a Gram that overflowed)
             spread = eigs[-1] / eigs[eigs.shape[0] // 2]
             if dtype is None and not bool(spread <= FP32_MAX_SPREAD):  # also NaN and inf: as spectral.eigenvalues
                 redo[i] = 1.0
@@ -175,7 +173,7 @@ def sharded_module_metrics(named_weights: Sequence[tuple[str, torch.Tensor]], *,
     mine = sorted(spectra)
     n, k = len(weights), len(METRIC_KEYS)
     # the metrics table, then one failure flag per rank: one all-reduce
-    table = torch.zeros(n * k + world, dtype=torch.float64, device=_comm_device(group))
+    table = torch.zeros(n * k + world, dtype=torch.float64, device=comm_device(group))
     rows = table[:n * k].view(n, k)
     if mine and not errors:
         _guard(errors, lambda: rows.index_copy_(0, torch.tensor(mine, device=rows.device), metric_rows(
@@ -202,12 +200,6 @@ def _guard(errors: list[BaseException] | None, fn: Callable, fallback: Callable 
     except Exception as err:  # noqa: BLE001 - raised by sharded_module_metrics after the last collective
         errors.append(err)
         return fallback() if fallback is not None else None
-
-
-def _comm_device(group: dist.ProcessGroup) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _rounds(modules: list[int], weights: list[torch.Tensor], routes: list[str], owners: list[int], rank: int,

@@ -149,19 +149,24 @@ def _single_threaded_gram_eigvalsh(weights: list[torch.Tensor], dtype: torch.dty
 
 
 def _serial_gram_eigvalsh(weights: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """UPLO="U": LAPACK's reduction of the upper triangle (in torch's layout) measured 12-17% faster on this CPU.
-
-    A weight with a NaN or an infinity (or whose Gram overflows `dtype`) gets a row of NaN: its Gram matrix is
-    zeroed before eigvalsh, which raises on non-finite input (on CUDA too, where the error surfaces at the next
-    synchronisation), and its eigenvalues are replaced afterwards; no host synchronisation."""
+    """UPLO="U": LAPACK's reduction of the upper triangle (in torch's layout) measured 12-17% faster on this CPU."""
     size = min(weights[0].shape)
     gram = torch.empty(len(weights), size, size, dtype=dtype, device=weights[0].device)
     for g, w in zip(gram, weights):
         _gram(_oriented(w).to(dtype), g)
-    bad = ~torch.isfinite(gram).flatten(1).all(dim=1)
-    gram.masked_fill_(bad[:, None, None], 0)
-    eigs = torch.linalg.eigvalsh(gram, UPLO="U").clamp_(min=0).to(torch.float64)
-    return eigs.masked_fill_(bad[:, None], math.nan)
+    return gram_eigenvalues(gram, uplo="U")
+
+
+def gram_eigenvalues(gram: torch.Tensor, uplo: str = "L") -> torch.Tensor:
+    """Ascending float64 eigenvalues (clamped at 0) of each Gram matrix in `gram` (..., N, N), overwritten.
+
+    A Gram with a NaN or an infinity (a non-finite weight, or a product that overflowed its dtype) gets a row of
+    NaN: it is zeroed before eigvalsh, which raises on non-finite input (on CUDA too, where the error surfaces at
+    the next synchronisation), and its eigenvalues are replaced afterwards; no host synchronisation."""
+    bad = ~torch.isfinite(gram).flatten(-2).all(dim=-1)
+    gram.masked_fill_(bad[..., None, None], 0)
+    eigs = torch.linalg.eigvalsh(gram, UPLO=uplo).clamp_(min=0).to(torch.float64)
+    return eigs.masked_fill_(bad[..., None], math.nan)
 
 
 def _gram(a: torch.Tensor, out: torch.Tensor, min_block: int = 128) -> None:
@@ -633,11 +638,18 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     return owners
 
 
+def comm_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where `group`'s collectives take their tensors: this rank's GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _gather_rows(rows: torch.Tensor, mine: list[int], owners: list[int], group: dist.ProcessGroup | None, *,
                  failed: bool = False) -> tuple[torch.Tensor, list[int]]:
     """Every module's row, in module order, from its owner, and the ranks (of `group`) that flagged `failed`: one
     all_gather of a (modules + 1) × metrics tensor whose last row carries the flag."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    device = comm_device(group)
     local = torch.zeros(len(owners) + 1, len(METRIC_KEYS), dtype=torch.float64, device=device)
     local[mine] = rows.to(device)
     local[-1, 0] = float(failed)

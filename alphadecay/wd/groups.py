@@ -30,6 +30,10 @@ MODULE_KINDS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gat
                 "head": "head", "c_attn": "qkv", "attn.c_proj": "proj", "c_fc": "fc1", "mlp.c_proj": "fc2",
                 "query_key_value": "qkv", "attention.dense": "proj", "dense_h_to_4h": "fc1", "dense_4h_to_h": "fc2",
                 "embed_out": "head"}
+# The kinds of the attention and the MLP matrices (LLaMA/Mistral/Qwen2's, then the fused ones of GPT-2, GPT-NeoX
+# and the ViT): the split the spectral report and the figures compare.
+ATTENTION_KINDS = ("q", "k", "v", "o", "qkv", "proj")
+MLP_KINDS = ("gate", "up", "down", "fc1", "fc2")
 EMBEDDING_PARAMETERS = re.compile(r"(^|\.)(cls_token|dist_token|pos_embed)$")  # parameters that are embeddings
 BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|blocks|block|h)\.(\d+)\.")
 
