@@ -373,8 +373,7 @@ def apply_method_defaults(config: FlagConfig, given: set[str]) -> None:
 def validate(config: TrainConfig) -> None:
     """Checks that need no files, processes or devices (those come later, still before any compute)."""
     positive = ("lr", "batch_size", "total_batch_size", "max_length", "eval_every", "save_every", "log_every",
-                "max_skipped_updates",
-                "unbalancedWD_every", "shuffle_buffer", "target_eval_tokens", "official_eval_rows")
+                "max_skipped_updates", "unbalancedWD_every", "shuffle_buffer", "target_eval_tokens", "official_eval_rows")
     for name in positive:
         if getattr(config, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(config, name)}.")

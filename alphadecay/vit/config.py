@@ -201,8 +201,7 @@ def validate(config: ViTConfig, given: set[str]) -> None:
                         f"so the input size must be a positive multiple of {patch}.")
     check_dist_timeout(config.dist_timeout)
     for name in ("batch_size", "epochs", "update_freq", "lr", "log_every", "save_ckpt_freq", "save_ckpt_num",
-                 "max_skipped_updates",
-                 "recount"):
+                 "max_skipped_updates", "recount"):
         if not getattr(config, name) > 0:
             raise UserError(f"--{name} must be positive, got {getattr(config, name)}.")
     for name in ("num_workers", "warmup_epochs", "min_lr", "weight_decay", "mixup", "cutmix"):
