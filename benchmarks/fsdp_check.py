@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from alphadecay import dist, esd, parallel, sharded_checkpoint  # noqa: E402
+from alphadecay.checkpoint import tensor_bytes  # noqa: E402
 from alphadecay.config import parse_args  # noqa: E402
 from alphadecay.esd import sharded  # noqa: E402
 from alphadecay.model import build_model, cast_model, load_model_config  # noqa: E402
@@ -34,6 +34,7 @@ from alphadecay.optim import build_optimizer  # noqa: E402
 from alphadecay.run import wrap_model  # noqa: E402
 from alphadecay.trainer import Trainer  # noqa: E402
 from alphadecay.wd.groups import linear_modules, module_param_groups  # noqa: E402
+from esd_pass import max_rel_alpha_diff  # noqa: E402 - benchmarks/, the script's directory
 
 
 def sync(device: torch.device) -> None:
@@ -75,7 +76,7 @@ def measure(parallelism: str, args: argparse.Namespace, info: dist.DistInfo, dty
     seconds = time.perf_counter() - start
     out = {"parallelism": parallelism, "ranks": info.world_size, "peak_bytes": peak(device),
            "tokens_per_s": info.world_size * args.timed * ids.numel() / seconds,
-           "state_bytes": 4 * sum(p.numel() * p.element_size() for p in raw.parameters()) / (
+           "state_bytes": 4 * tensor_bytes(list(raw.parameters())) / (
                info.world_size if parallelism == "fsdp" else 1)}
     if parallelism == "fsdp":
         out.update(spectral_pass(raw, device))
@@ -98,10 +99,8 @@ def spectral_pass(raw: torch.nn.Module, device: torch.device) -> dict:
     extra = (torch.cuda.max_memory_allocated(device) - before) if device.type == "cuda" else None
     whole = [(n, w.full_tensor()) for n, w in tuned]  # every matrix on every rank: the reference only
     want = esd.module_metrics(whole)
-    diffs = [abs(got[n]["alpha"] - want[n]["alpha"]) / abs(want[n]["alpha"]) for n, _ in tuned
-             if math.isfinite(want[n]["alpha"])]
     return {"esd_seconds": seconds, "esd_extra_peak_bytes": extra, "esd_modules": len(tuned),
-            "esd_max_rel_alpha_diff": max(diffs) if diffs else math.nan}
+            "esd_max_rel_alpha_diff": max_rel_alpha_diff(got, want)}
 
 
 def checkpoint_round_trip(raw: torch.nn.Module, optimizer, device: torch.device) -> dict:

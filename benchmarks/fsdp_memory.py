@@ -34,6 +34,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from alphadecay.checkpoint import tensor_bytes  # noqa: E402
 from alphadecay.model import build_model, load_model_config  # noqa: E402
 from alphadecay.parallel import apply_fsdp  # noqa: E402
 
@@ -47,10 +48,6 @@ def meta_model(size: str, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(dtype)
 
 
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def sharded_bytes(size: str, dtype: torch.dtype, ranks: int) -> tuple[int, int]:
     """(rank 0's sharded parameter bytes, the largest FSDP unit's unsharded bytes) with `ranks` ranks."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -60,7 +57,7 @@ def sharded_bytes(size: str, dtype: torch.dtype, ranks: int) -> tuple[int, int]:
     try:
         model = meta_model(size, dtype)
         apply_fsdp(model, init_device_mesh("cpu", (ranks,)), chunk_tokens=0, reduce_dtype=dtype, compile=False)
-        local = tensor_bytes(p.to_local() for p in model.parameters())
+        local = tensor_bytes([p.to_local() for p in model.parameters()])
         decoder = model.get_decoder()
         units = [list(layer.parameters()) for layer in decoder.layers]
         units += [list(model.get_input_embeddings().parameters()),
@@ -86,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for size in args.configs.split(","):
-        params = sum(p.numel() for p in meta_model(size, dtype).parameters())
-        ddp = STATE_COPIES * tensor_bytes(meta_model(size, dtype).parameters())
+        model = meta_model(size, dtype)
+        params = sum(p.numel() for p in model.parameters())
+        ddp = STATE_COPIES * tensor_bytes(list(model.parameters()))
         for ranks in (int(r) for r in args.ranks.split(",")):
             local, largest = sharded_bytes(size, dtype, ranks)
             fsdp, formula = STATE_COPIES * local, STATE_COPIES * width * params / ranks

@@ -331,9 +331,9 @@ def part_esd(plan: Plan, report: Report) -> None:
     report.add(f"## One AlphaDecay spectral pass vs the official computation\n\nRandom-init weights in {plan.dtype} "
                f"on {plan.device.type}, median fit, one pass each after a warm-up on two matrices.\n\n"
                + "\n".join(rows))
-    report.add(f"## FARMS: window positions and pass time\n\nMedian fit. Per tuned shape, one random N(0, 0.02) "
+    report.add("## FARMS: window positions and pass time\n\nMedian fit. Per tuned shape, one random N(0, 0.02) "
                "float32 matrix: windows per matrix and seconds of `module_metrics` on it with the FARMS authors' "
-               f"positions (`--farms_min_step 0`) and the default (0.05); last row per config: the tuned set's totals, "
+               "positions (`--farms_min_step 0`) and the default (0.05); last row per config: the tuned set's totals, "
                "the pass time estimated as the sum over shapes of matrices x seconds per matrix.\n\n"
                + "\n".join(farms_rows))
 

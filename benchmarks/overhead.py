@@ -151,16 +151,20 @@ def main() -> None:
         report_trainer(args, device, dtype, batches)
     if args.part in ("hf", "both"):
         without, with_ = hf_trainer_runs(args, device, dtype, batches)
-        passes = [s for s in range(args.updates) if s == 0 or (s + 1) % args.every == 0]
         print(f"Hugging Face Trainer, {args.hf_rounds} x {args.updates} updates per side, alternating: without the "
               f"callback {without:.2f} s, with WeightDecayCallback('alphadecay') {with_:.2f} s (passes at updates "
-              f"{passes}): ratio with/without {with_ / without:.3f}")
+              f"{pass_updates(args)}): ratio with/without {with_ / without:.3f}")
+
+
+def pass_updates(args) -> list[int]:
+    """The updates at which AlphaDecay passes (the official LLaMA timing: the first, then every --every)."""
+    return [s for s in range(args.updates) if s == 0 or (s + 1) % args.every == 0]
 
 
 def report_trainer(args, device: torch.device, dtype: torch.dtype, batches: list[dict]) -> None:
     times_u, times_a = interleaved(args, device, dtype, batches)
     alone = pass_alone(args, device, dtype)
-    passes = [s for s in range(args.updates) if s == 0 or (s + 1) % args.every == 0]
+    passes = pass_updates(args)
     others = [s for s in range(args.updates) if s not in passes]
     per_update = sum(times_u) / args.updates
     per_pass = sum(times_a[s] - times_u[s] for s in passes) / len(passes)
