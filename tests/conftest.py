@@ -64,6 +64,10 @@ def run_main(args: list[str]) -> int:
     return torchrun_main.main(args)
 
 
+# torchrun with two processes on this host (add --master_port=free_port() and the script)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+
+
 def run_subprocess(args: list[str], *, launcher: list[str] | None = None, env: dict | None = None,
                    timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """torchrun_main.py in a fresh interpreter (or under `launcher`, e.g. torchrun)."""
@@ -93,18 +97,35 @@ def by_step(metrics: list[dict], key: str) -> dict[int, float]:
     return {m["step"]: m[key] for m in metrics if key in m}
 
 
+def alphadecay_pass_decays(model: torch.nn.Module, every: int = 2) -> dict[str, float]:
+    """The per-module decays of an AlphaDecay pass on a copy of `model`'s current weights (the official semantics,
+    through the library), for checking what a callback applied at that update."""
+    import copy
+
+    import alphadecay.wd as wd
+
+    twin = copy.deepcopy(model)
+    scheduler = wd.create("alphadecay", twin, torch.optim.AdamW(wd.module_param_groups(twin, 0.1)), every=every)
+    scheduler.step()
+    return scheduler.last_weight_decays()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+SHORT_ALPHADECAY_FLAGS = dict(wd_scheduler="alphadecay", unbalancedWD_every=2, lr=1e-2)  # short_alphadecay_run's
+
+
 @pytest.fixture(scope="session")
 def short_alphadecay_run(tmp_path_factory):
     """A finished 8-update AlphaDecay run of the 1.1M model with a module-wise pass every 2 updates (config.json,
-    metrics.jsonl, checkpoints model_4/ and model_8/), for the tests that read a real run directory."""
+    metrics.jsonl, checkpoints model_4/ and model_8/), for the tests that read a real run directory; resume it
+    with SHORT_ALPHADECAY_FLAGS."""
     path = tmp_path_factory.mktemp("alphadecay_run") / "run"
-    assert run_main(train_args(path, wd_scheduler="alphadecay", unbalancedWD_every=2, lr=1e-2)) == 0
+    assert run_main(train_args(path, **SHORT_ALPHADECAY_FLAGS)) == 0
     return path
 
 

@@ -2,12 +2,14 @@
 
 from datetime import timedelta
 
+import pytest
 import torch
 
 from alphadecay import dist
 
 
-def test_nccl_is_bound_to_the_ranks_gpu_and_gloo_gets_no_device(monkeypatch):
+@pytest.mark.parametrize("options, minutes", [({}, 10), ({"timeout_minutes": 2.5}, 2.5)])  # --dist_timeout
+def test_nccl_is_bound_to_the_ranks_gpu_and_gloo_gets_no_device(monkeypatch, options, minutes):
     gpu = torch.device("cuda", 3)
     assert dist.process_group_options(gpu) == {"backend": "nccl", "device_id": gpu}
     assert dist.process_group_options(torch.device("cpu")) == {"backend": "gloo"}
@@ -17,6 +19,6 @@ def test_nccl_is_bound_to_the_ranks_gpu_and_gloo_gets_no_device(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    info = dist.setup("cpu")
-    assert calls == [{"backend": "gloo", "rank": 1, "world_size": 2, "timeout": timedelta(minutes=10)}]
+    info = dist.setup("cpu", **options)
+    assert calls == [{"backend": "gloo", "rank": 1, "world_size": 2, "timeout": timedelta(minutes=minutes)}]
     assert (info.rank, info.local_rank, info.world_size, info.device) == (1, 1, 2, torch.device("cpu"))

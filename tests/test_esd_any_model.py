@@ -4,7 +4,6 @@ GPT-NeoX saved with save_pretrained, a model served by a (local) hub, and the of
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ from alphadecay.esd.report import main
 from alphadecay.wd.groups import module_matrix, weight_modules
 from tests.conftest import REPO
 from tests.hub_server import LocalHub
+from tests.test_hub import hub_env
 from tests.test_wd_library import tiny_hf
 
 
@@ -47,12 +47,9 @@ def test_a_hub_model_name_loads_from_the_hub_and_offline_is_a_clear_error(tmp_pa
     tiny_hf("gpt2").save_pretrained(tmp_path / "gpt2")
     capsys.readouterr()
     with LocalHub({("models", "alphadecay-test/gpt2"): str(tmp_path / "gpt2")}) as hub:
-        env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
-        env.pop("HF_HUB_OFFLINE", None)
-        env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "home"), NO_PROXY="127.0.0.1,localhost")
         done = subprocess.run([sys.executable, "-m", "alphadecay.esd", "alphadecay-test/gpt2", "--json",
-                               str(tmp_path / "esd.json")], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=300)
+                               str(tmp_path / "esd.json")], cwd=REPO, env=hub_env(hub, tmp_path / "home"),
+                              capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "esd.json").read_text())["modules"]
     assert len(rows) == 9 and rows[0]["name"] == "transformer.h.0.attn.c_attn" and rows[-1]["name"] == "lm_head"

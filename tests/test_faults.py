@@ -36,8 +36,8 @@ from alphadecay.model import build_model, load_model_config
 from alphadecay.optim import build_optimizer
 from alphadecay.trainer import Trainer
 from alphadecay.wd.groups import module_param_groups
-from tests.conftest import (REPO, SAMPLE, TINY_CONFIG, by_step, free_port, read_metrics, run_main, run_subprocess,
-                            run_vit, train_args, vit_args)
+from tests.conftest import (REPO, SAMPLE, SHORT_ALPHADECAY_FLAGS, TINY_CONFIG, by_step, free_port, read_metrics,
+                            run_main, run_subprocess, run_vit, train_args, vit_args)
 from tests.hub_server import LocalHub
 from tests.test_hub import hub_env
 
@@ -193,7 +193,7 @@ def test_the_disk_space_warning_compares_free_space_with_two_checkpoints(tmp_pat
 
 
 # -- LLaMA end to end --------------------------------------------------------------------------------------------
-ALPHADECAY = dict(wd_scheduler="alphadecay", unbalancedWD_every=2, lr=1e-2)  # the short_alphadecay_run fixture's
+ALPHADECAY = SHORT_ALPHADECAY_FLAGS  # the short_alphadecay_run fixture's flags
 
 
 def test_llama_resumes_past_a_damaged_checkpoint_exactly_and_keeps_the_newest(short_alphadecay_run, tmp_path, capsys):

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-import sys
+import subprocess
 
 import pytest
 import torch
@@ -22,9 +22,9 @@ import torch
 from alphadecay import checkpoint as ckpt
 from alphadecay import sharded_checkpoint
 from alphadecay.esd import sharded
-from tests.conftest import REPO, by_step, free_port, pretokenize_dir, read_metrics, run_main, run_subprocess, train_args
+from tests.conftest import (REPO, TORCHRUN, by_step, free_port, pretokenize_dir, read_metrics, run_main,
+                            train_args)
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
 METHODS = ("uniform", "awd", "adadecay", "alphadecay")
 # each method as the paper runs it, with a module-wise pass at updates 0, 2 and 5 (so a resume after update 3
 # uses the decays of the pass at update 2, restored from the checkpoint's optimizer groups); clipping on, so that
@@ -62,7 +62,8 @@ def runs(tmp_path_factory):
                               continue_from=out["one-alphadecay"] / "model_3"))
     (root / "plan.json").write_text(json.dumps(plan))
     worker = [f"--master_port={free_port()}", str(REPO / "tests" / "fsdp_worker.py"), str(root / "plan.json")]
-    done = run_subprocess([], launcher=TORCHRUN + worker, env={"OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(TORCHRUN + worker, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     # the FSDP checkpoint on one process: plain (DDP layout), and FSDP over a mesh of one, the latter given the run
     # directory whose newest checkpoint (model_6) lost the end of rank 1's shard: it resumes from model_3, which

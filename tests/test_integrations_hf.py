@@ -4,7 +4,6 @@ Trainer steps."""
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 
@@ -12,10 +11,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-import alphadecay.wd as wd
 from alphadecay.integrations.hf import WeightDecayCallback
 from alphadecay.wd.registry import WeightDecayError
-from tests.conftest import REPO, SAMPLE, TOKENIZER
+from tests.conftest import REPO, SAMPLE, TOKENIZER, alphadecay_pass_decays, by_step
 
 sys.path.insert(0, str(REPO / "examples"))
 import hf_trainer  # noqa: E402
@@ -46,10 +44,7 @@ class Probe(TrainerCallback):
         self.micro_batches += 1
         record = {"update": state.global_step, "micro_batches": self.micro_batches}
         if state.global_step in self.reference:
-            twin = copy.deepcopy(model)
-            scheduler = wd.create("alphadecay", twin, torch.optim.AdamW(wd.module_param_groups(twin, 0.1)), every=2)
-            scheduler.step()
-            record["pass_on_these_weights"] = scheduler.last_weight_decays()
+            record["pass_on_these_weights"] = alphadecay_pass_decays(model)
         self.updates.append(record)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -57,7 +52,7 @@ class Probe(TrainerCallback):
 
 
 def logged(trainer: Trainer, key: str) -> dict[int, float]:
-    return {r["step"]: r[key] for r in trainer.state.log_history if key in r}
+    return by_step(trainer.state.log_history, key)
 
 
 def test_passes_run_once_per_optimizer_update_on_the_weights_of_that_moment_and_resume_exactly(tmp_path):

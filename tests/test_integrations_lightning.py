@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import pytorch_lightning as pl
@@ -15,7 +14,7 @@ from alphadecay.integrations.lightning import WeightDecayCallback
 from alphadecay.model import build_model, load_model_config
 from alphadecay.wd.methods.awd import global_norms
 from alphadecay.wd.registry import WeightDecayError
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, alphadecay_pass_decays
 
 
 class LM(pl.LightningModule):
@@ -43,10 +42,7 @@ class LM(pl.LightningModule):
                   "decays": {g["name"]: g["weight_decay"] for g in optimizer.param_groups},
                   **dict(zip(("grad_norm", "weight_norm"), map(float, global_norms(self))))}
         if self.trainer.global_step in self.reference:
-            twin = copy.deepcopy(self.model)
-            scheduler = wd.create("alphadecay", twin, torch.optim.AdamW(wd.module_param_groups(twin, 0.1)), every=2)
-            scheduler.step()
-            record["pass_on_these_weights"] = scheduler.last_weight_decays()
+            record["pass_on_these_weights"] = alphadecay_pass_decays(self.model)
         self.updates.append(record)
 
 

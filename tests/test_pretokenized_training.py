@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
@@ -11,9 +10,9 @@ import torch
 from alphadecay import dist, pretokenized, run
 from alphadecay.data import RowSpec
 from alphadecay.errors import UserError
-from tests.conftest import TOKENIZER, by_step, free_port, pretokenize_dir, read_metrics, run_main, run_subprocess, train_args
+from tests.conftest import (TORCHRUN, TOKENIZER, by_step, free_port, pretokenize_dir, read_metrics, run_main,
+                            run_subprocess, train_args)
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ that read, and non-finite losses or gradients stopping the run or dropping the u
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -214,5 +213,5 @@ def test_a_diverging_vit_run_stops_too(tmp_path, capsys, digits_subset):
     assert run_vit(vit_args(digits_subset, tmp_path, lr=1e6, warmup_epochs=0, epochs=3)) == 3
     err = capsys.readouterr().err
     assert "not finite" in err and "--clip_grad" in err and "Traceback" not in err
-    events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"nonfinite"' in line]
-    assert len(events) == 1 and events[0]["nonfinite"]["action"] == "stop"
+    events = [m["nonfinite"] for m in read_metrics(tmp_path) if "nonfinite" in m]
+    assert len(events) == 1 and events[0]["action"] == "stop"
